@@ -1,0 +1,1 @@
+"""Independent JAX/optax reference for Muon, NorMuon and AdamW (nanochat-style hybrid)."""

@@ -1,0 +1,83 @@
+"""The nanochat hybrid optimizer: Muon for block matrices, AdamW for the rest.
+
+nanochat (https://github.com/karpathy/nanochat) trains the 2-D weights inside
+the transformer blocks with Muon and everything else with AdamW in three
+groups (token embedding, lm_head, scalars), whose learning rates shrink as
+(model_dim/768)^-½ with width. Parameters are a flat dict keyed by torch-style
+names ("transformer.h.0.attn.c_q.weight", "transformer.wte.weight",
+"lm_head.weight", ...).
+"""
+
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+import optax
+
+from jax_reference import _finite
+from jax_reference.adamw import adamw
+from jax_reference.muon import muon
+
+
+def label_params(name: str, shape) -> str:
+    """Group of a parameter; the first matching rule wins.
+
+    "muon": ndim >= 2 inside the blocks (name starts with "transformer.h.");
+    "embedding": name contains "wte"; "unembedding": name starts with
+    "lm_head"; "scalar": everything else (0/1-D params and 2-D params
+    outside the blocks that are neither embedding nor lm_head).
+    """
+    if len(shape) >= 2 and name.startswith("transformer.h."):
+        return "muon"
+    if "wte" in name:
+        return "embedding"
+    if name.startswith("lm_head"):
+        return "unembedding"
+    return "scalar"
+
+
+def hybrid(
+    params: dict,
+    matrix_lr: float = 0.02,
+    embedding_lr: float = 0.2,
+    unembedding_lr: float = 0.004,
+    scalar_lr: float = 0.5,
+    adam_betas: tuple[float, float] = (0.8, 0.95),
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+    model_dim: Optional[int] = None,
+    lr_multiplier: Optional[Callable] = None,
+    **muon_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """optax.multi_transform over the groups of label_params.
+
+    lr_multiplier(step) (step = number of steps taken, 0 first) multiplies
+    every group's learning rate: each group gets the optax schedule
+    step ↦ lr·lr_multiplier(step) and evaluates it at its own step count. All
+    groups step together (a "skip" step is skipped by all of them), so the
+    counts agree. Under jit the multiplier receives a traced int32, so it must
+    be written with jnp / optax schedules.
+
+    The nonfinite policy (muon_kwargs["nonfinite"], default "raise") is also
+    applied once to the whole gradient dict, so "skip" skips every group
+    together rather than only the group holding the bad gradient.
+    """
+    labels = {name: label_params(name, jnp.shape(p)) for name, p in params.items()}
+    width = 1.0 if model_dim is None else (model_dim / 768) ** -0.5
+    nonfinite = muon_kwargs.get("nonfinite", "raise")
+
+    def lr(base: float):
+        if lr_multiplier is None:
+            return base
+        return lambda step: base * lr_multiplier(step)
+
+    def adam_group(base: float):
+        b1, b2 = adam_betas
+        return adamw(lr(base * width), b1, b2, adam_eps, adam_weight_decay, nonfinite=nonfinite)
+
+    transforms = {
+        "muon": muon(learning_rate=lr(matrix_lr), **muon_kwargs),
+        "embedding": adam_group(embedding_lr),
+        "unembedding": adam_group(unembedding_lr),
+        "scalar": adam_group(scalar_lr),
+    }
+    return _finite.guard_nonfinite(optax.multi_transform(transforms, labels), nonfinite)
