@@ -17,3 +17,31 @@ MUTANTS = [
            "X = (X / (frobenius_norm(X) * norm_scale + eps)).to(compute_dtype)",
            "X = X.to(compute_dtype)", ORTH_TESTS, ORTH_SELECT),
 ]
+
+MUON = "torch_impl/muon.py"
+MUON_TESTS = ("parity_tests/test_muon_parity.py",)
+MUON_SELECT = "trajectory_torch_equals_jax"
+
+MUTANTS += [
+    Mutant("muon: lr applied twice (lr*lr)", MUON,
+           "params.add_(O, alpha=-hp.lr * shape_scale(rows, cols, hp.shape_scale))",
+           "params.add_(O, alpha=-hp.lr * hp.lr * shape_scale(rows, cols, hp.shape_scale))",
+           MUON_TESTS, MUON_SELECT),
+    Mutant("muon: nesterov lerp in the wrong direction", MUON,
+           "update = grads.lerp(momentum_buf, hp.momentum) if hp.nesterov else momentum_buf",
+           "update = momentum_buf.lerp(grads, hp.momentum) if hp.nesterov else momentum_buf",
+           MUON_TESTS, MUON_SELECT),
+    Mutant("muon: weight decay applied after the update", MUON,
+           "    if hp.weight_decay != 0:\n        decay = hp.lr * hp.weight_decay\n",
+           "    params.add_(O, alpha=-hp.lr * shape_scale(rows, cols, hp.shape_scale))\n"
+           "    O = torch.zeros_like(O)\n"
+           "    if hp.weight_decay != 0:\n        decay = hp.lr * hp.weight_decay\n",
+           MUON_TESTS, MUON_SELECT),
+    Mutant("muon: shape scale rule inverted", MUON,
+           "return max(1.0, rows / cols) ** 0.5", "return max(1.0, cols / rows) ** 0.5",
+           MUON_TESTS, MUON_SELECT),
+    Mutant("muon: cautious mask sign flipped", MUON,
+           "params.sub_(params * (O * params >= 0), alpha=decay)",
+           "params.sub_(params * (O * params <= 0), alpha=decay)",
+           MUON_TESTS, MUON_SELECT),
+]
