@@ -8,8 +8,8 @@ ORTH_SELECT = "fp32_both_frameworks"
 
 MUTANTS = [
     Mutant("ns: wrong sign of coefficient b", ORTH,
-           "B = torch.baddbmm(A, A, A, beta=b, alpha=c)",
-           "B = torch.baddbmm(A, A, A, beta=-b, alpha=c)", ORTH_TESTS, ORTH_SELECT),
+           "B = torch.baddbmm(A, A, A.mT, beta=b, alpha=c)",
+           "B = torch.baddbmm(A, A, A.mT, beta=-b, alpha=c)", ORTH_TESTS, ORTH_SELECT),
     Mutant("ns: tall matrices not transposed back", ORTH,
            "    if transposed:\n        X = X.mT\n    return",
            "    return", ORTH_TESTS, ORTH_SELECT),
