@@ -1,0 +1,109 @@
+"""Failures must raise on every rank (or skip on every rank), never hang.
+
+Each case ends with a collective (`all_ranks_agree`): if one rank had raised alone or run
+ahead, the group would be out of step and the case would time out instead of passing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist.common import exact_randn
+from tests.dist.harness import all_ranks_agree, rank
+from torch_impl.dist_adamw import DistAdamW
+from torch_impl.dist_muon import DistMuon
+from torch_impl.finite import NonFiniteGradientError
+from torch_impl.optim import hybrid
+
+
+def named_model():
+    return {
+        "transformer.h.0.attn.c_q.weight": torch.nn.Parameter(exact_randn((8, 8), 1)),
+        "transformer.h.0.mlp.c_fc.weight": torch.nn.Parameter(exact_randn((16, 8), 2)),
+        "transformer.wte.weight": torch.nn.Parameter(exact_randn((64, 32), 3)),
+        "transformer.h.0.attn.gain": torch.nn.Parameter(exact_randn((8,), 4)),
+    }
+
+
+def set_grads(model, bad_name=None, bad_rank=None):
+    for i, (name, p) in enumerate(model.items()):
+        p.grad = exact_randn(p.shape, 9, i)
+        if name == bad_name and rank() == bad_rank:
+            p.grad.view(-1)[0] = float("nan") if p.grad.ndim > 1 else float("inf")
+
+
+def raises_everywhere(fn, exc, match: str) -> None:
+    try:
+        fn()
+    except exc as e:
+        all_ranks_agree(match in str(e), f"wrong message: {e}")
+        return
+    all_ranks_agree(False, f"{fn} did not raise {exc.__name__} on this rank")
+
+
+def case_nonfinite_one_rank():
+    for bad in ("transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight", "transformer.h.0.attn.gain"):
+        model = named_model()
+        before = {k: v.detach().clone() for k, v in model.items()}
+        opt = hybrid(model.items(), distributed=True, ns_dtype=torch.float32)
+        set_grads(model, bad, bad_rank=1)
+        raises_everywhere(opt.step, NonFiniteGradientError, bad)
+        all_ranks_agree(all(torch.equal(model[k], before[k]) for k in model), "params changed")
+        # "skip": every rank skips; the optimizers alone (check_finite=True) behave the same
+        opt = hybrid(model.items(), distributed=True, ns_dtype=torch.float32, nonfinite="skip")
+        all_ranks_agree(opt.step() is False, "skip policy did not skip on every rank")
+        for o in opt.optimizers.values():
+            o.nonfinite = "raise"
+            if any(model[bad] is p for g in o.param_groups for p in g["params"]):
+                raises_everywhere(o.step, NonFiniteGradientError, bad)
+        all_ranks_agree(all(torch.equal(model[k], before[k]) for k in model), "params changed")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_nonfinite_gradient_on_one_rank_raises_on_every_rank(rank_groups, n):
+    rank_groups(n).run(case_nonfinite_one_rank)
+
+
+def case_mismatched_params():
+    r = rank()
+    variants = {
+        "extra parameter on rank 1": [torch.zeros(8, 8)] + ([torch.zeros(8, 8)] if r == 1 else []),
+        "different shape on rank 1": [torch.zeros(8, 8) if r != 1 else torch.zeros(8, 4)],
+        "different dtype on rank 0": [torch.zeros(8, 8, dtype=torch.bfloat16 if r == 0 else torch.float32)],
+        "different order": [torch.zeros(8, 8), torch.zeros(4, 8)][::(-1 if r == 1 else 1)],
+    }
+    for what, tensors in variants.items():
+        for cls in (DistMuon, DistAdamW):
+            raises_everywhere(lambda: cls([torch.nn.Parameter(t) for t in tensors]), ValueError,
+                              "differ across ranks")
+    # a 1-D parameter on rank 1 only: Muon's own check fails there, the others learn of it
+    params = [torch.nn.Parameter(torch.zeros(8) if r == 1 else torch.zeros(8, 8))]
+    raises_everywhere(lambda: DistMuon(params), ValueError, "DistMuon" if r != 1 else "≥ 2 dims")
+    # parameters on two devices (meta stands in for a second device on a CPU-only machine)
+    params = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 8, device="meta"))]
+    for cls in (DistMuon, DistAdamW):
+        raises_everywhere(lambda: cls(params), ValueError, "one device")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_mismatched_param_lists_raise_on_every_rank(rank_groups, n):
+    rank_groups(n).run(case_mismatched_params)
+
+
+def case_grad_on_some_ranks():
+    for name in ("transformer.h.0.attn.c_q.weight", "transformer.wte.weight"):
+        model = named_model()
+        opt = hybrid(model.items(), distributed=True, ns_dtype=torch.float32)
+        set_grads(model)
+        if rank() == 0:
+            model[name].grad = None
+        raises_everywhere(opt.step, ValueError, f"present on some ranks but not on others: {name}")
+        # the optimizers' own steps (after the hybrid's global check was bypassed) too
+        for o in opt.optimizers.values():
+            if any(model[name] is p for g in o.param_groups for p in g["params"]):
+                raises_everywhere(lambda: o.step(check_finite=False), ValueError, name)
+
+
+@pytest.mark.parametrize("n", [2])
+def test_gradient_on_some_ranks_only_raises_on_every_rank(rank_groups, n):
+    rank_groups(n).run(case_grad_on_some_ranks)

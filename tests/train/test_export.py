@@ -1,0 +1,64 @@
+"""Exported safetensors weights give the same logits in the JAX reference as in torch.
+
+Tolerance: both sides compute in float32 (unit roundoff u = 2^-24 ~ 6e-8). Each stage (dot products of
+length K <= 4 * n_embd = 256 here, rsqrt, exp, tanh) contributes O(sqrt(K) u) ~ 1e-6 relative error,
+the RMSNorms keep activations O(1) so over 2 layers errors add rather than compound, and QK-norm keeps
+the softmax well conditioned. Each framework's logits are then within ~1e-6 relative of the exact ones,
+i.e. ~1e-5 absolute for pre-softcap logits of size ~10 (the lm_head below is drawn 4x the init scale to
+reach into the softcap's nonlinear range), so torch vs JAX differ by ~2e-5 at most (measured: <= 8.3e-6 over 6 draws).
+atol 1e-4 leaves >= 5x margin; an export bug (a transposed matrix, a dropped or renamed tensor, bf16 rounding ~4e-3
+relative) moves logits by 1e-2 or more. The same 1e-4 is tests/jax_reference/test_gpt.py's bound.
+"""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import jax_reference.gpt as J
+from torch_impl.export import export_safetensors, read_config
+from torch_impl.gpt import GPT, GPTConfig
+
+ATOL = 1e-4
+
+
+def random_model(config, seed=0):
+    # the real init zeroes lm_head and every c_proj, which would make the logits identically 0
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 4.0 if name == "lm_head.weight" else 1.0
+            p.normal_(0.0, scale / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def jax_config(config: GPTConfig) -> J.GPTConfig:
+    return J.GPTConfig(sequence_len=config.sequence_len, vocab_size=config.vocab_size, n_layer=config.n_layer,
+                       n_head=config.n_head, n_kv_head=config.n_kv_head, n_embd=config.n_embd)
+
+
+@pytest.mark.parametrize("config", [
+    GPTConfig(sequence_len=32, vocab_size=257, n_layer=2, n_head=2, n_kv_head=2, n_embd=64),
+    GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),  # GQA
+])
+def test_exported_weights_give_same_logits_in_jax(tmp_path, config):
+    model = random_model(config)
+    path = export_safetensors(model, tmp_path / "model.safetensors")
+
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+        assert set(f.keys()) == set(model.state_dict())
+    assert read_config(path) == config
+
+    idx = np.random.default_rng(0).integers(0, config.vocab_size, (2, config.sequence_len))
+    with torch.no_grad():
+        want = model(torch.from_numpy(idx)).numpy()
+    params = J.load_safetensors(path)
+    got = np.asarray(J.forward_jit(params, jax.numpy.asarray(idx), jax_config(read_config(path))))
+    assert got.dtype == np.float32
+    assert np.abs(want).max() > 5.0  # the logits are far from trivial
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)

@@ -1,0 +1,230 @@
+"""
+Training checkpoints: everything a run needs to continue as if it had never stopped.
+
+A checkpoint is a directory `<out_dir>/checkpoints/step_NNNNNN/`:
+
+    model/               model state dict, torch.distributed.checkpoint (DCP) format
+    optimizer/           optimizer state, DCP via torch_impl.opt_checkpoint (sharded DistMuon /
+                         DistAdamW state is resharded on load, so N ranks can resume on M)
+    rng/rank{r}.pt       each rank's torch / CUDA / Python / NumPy RNG states
+    tokenizer_meta.json  (+ tokenizer.json for BPE) which tokenizer the ids belong to
+    meta.json            step, data loader position, model config, the run's arguments
+
+Every rank writes into `.tmp-step_NNNNNN/`; once all are done, rank 0 writes meta.json and renames
+the directory into place. A rename is atomic on POSIX, so a crash mid-save leaves only a dot-dir that
+is never mistaken for a checkpoint (and is cleaned up by the next save): a directory named step_* is
+always complete. Multi-node runs need out_dir on a shared filesystem.
+
+The model is saved in full precision with DCP, so loading it back is bit-exact; together with the
+loader position, the optimizer state and the pure schedules, a resumed run reproduces the loss
+trajectory of an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from torch_impl.gpt import GPT, GPTConfig
+from torch_impl.opt_checkpoint import load_optimizer, save_optimizer
+from torch_impl.tokenizer import load_tokenizer, save_tokenizer
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or does not fit the current run."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_no_dist():
+    # without a process group DCP warns on every call that it "assumes the intent" of a single process,
+    # which is exactly our intent (sample, export, single-process training)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
+        yield
+
+
+def checkpoints_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# -----------------------------------------------------------------------------
+# finding checkpoints
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint of a run, oldest first."""
+    root = checkpoints_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and (entry / META_FILE).is_file():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run's out_dir (meaning its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if (path / META_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint (no {META_FILE}) nor a run directory with checkpoints")
+    return latest
+
+
+def read_meta(ckpt: str | os.PathLike) -> dict:
+    path = Path(ckpt) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint metadata ({e})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def model_config(meta: dict) -> GPTConfig:
+    return GPTConfig(**meta["model_config"])
+
+
+# -----------------------------------------------------------------------------
+# RNG states (per rank: every rank has its own generators)
+
+def _rng_state() -> dict:
+    # numpy's state holds an ndarray and python's a tuple of ints: converted to tensors/lists so the
+    # file loads with torch.load(weights_only=True)
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# saving
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer, tokenizer,
+                    loader_state: dict, extra_meta: dict, rank: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    root = checkpoints_dir(out_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        # leftovers of a save that crashed half-way are garbage by construction
+        for stale in root.glob(".tmp-*") if root.is_dir() else ():
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with _quiet_no_dist():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp / "model", no_dist=not _distributed())
+    save_optimizer(optimizer, tmp / "optimizer")
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        save_tokenizer(tokenizer, tmp)
+        meta = dict(format=FORMAT_VERSION, step=step, loader=loader_state, model_config=asdict(model.config),
+                    world_size=dist.get_world_size() if _distributed() else 1, **extra_meta)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists():
+            # re-saving a step (a resume from an older checkpoint got here again): replace it, keeping
+            # the window in which no complete step dir exists as short as two renames
+            old = root / f".tmp-old-{final.name}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    _barrier()
+    return final
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_model_state(ckpt: str | os.PathLike, model: GPT) -> None:
+    """Load the weights in place (all ranks read the full, replicated state)."""
+    state = {"model": model.state_dict()}
+    with _quiet_no_dist():
+        dcp.load(state, checkpoint_id=Path(ckpt) / "model", no_dist=not _distributed())
+    model.load_state_dict(state["model"])
+
+
+def load_training_state(ckpt: str | os.PathLike, model: GPT, optimizer, rank: int = 0) -> dict:
+    """Restore model, optimizer and this rank's RNG states; returns the checkpoint's meta.json."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    load_model_state(ckpt, model)
+    load_optimizer(optimizer, ckpt / "optimizer")
+    rng_file = ckpt / "rng" / f"rank{rank}.pt"
+    # a resume on more ranks than were saved has no state for the new ones; their generators keep the
+    # seed they got (training itself draws no random numbers, so the trajectory does not depend on them)
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return meta
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, object, dict]:
+    """(model in eval mode, tokenizer, meta) from a checkpoint or a run directory (its latest checkpoint).
+    For inference and export: no optimizer, no process group needed."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    with torch.device("meta"):
+        model = GPT(model_config(meta))
+    model.to_empty(device=device)
+    model.init_weights()  # recomputes the rotary buffers, which are not in the state dict
+    load_model_state(ckpt, model)
+    return model.eval(), load_tokenizer(ckpt), meta
