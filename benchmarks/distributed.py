@@ -153,12 +153,17 @@ def _worker(rank, n, port, cfg, results):
                                else math.ceil(shapes[0][0] / n) * shapes[0][1])
                 if scheme == "naive":
                     theory_work = len(shapes) if kind == "muon" else sum(math.prod(s) for s in shapes)
+                # the sharded schemes pad each stack (Muon) / dim 0 (AdamW) to a multiple of N
+                padded = (sum(math.ceil(k / n) * n * math.prod(sh) for sh, k in by_shape.items())
+                          if kind == "muon" else math.ceil(shapes[0][0] / n) * n * shapes[0][1]) * 4
+                moved = padded if scheme == "dist" else param_bytes
                 rows.append(dict(
                     optimizer=kind, scheme=scheme, world_size=n,
                     step_s=max(g["sec"] for g in gathered),
                     param_MB=param_bytes / 1e6,
+                    padded_MB=moved / 1e6,
                     sent_MB_per_rank=max(g["sent"] for g in gathered) / 1e6,
-                    theory_MB_per_rank=2 * (n - 1) / n * param_bytes / 1e6,
+                    theory_MB_per_rank=2 * (n - 1) / n * moved / 1e6,
                     wire_MB_per_rank=None if wire is None else wire / n / 1e6,
                     work_per_rank=max(g["work"] for g in gathered),
                     theory_work_per_rank=theory_work,
@@ -213,8 +218,8 @@ def main(argv=None) -> None:
             r["speedup_vs_N1"] = base[(r["optimizer"], r["scheme"])] / r["step_s"]
     columns = [("optimizer", "optimizer"), ("scheme", "scheme"), ("world_size", "N"),
                ("step_s", "step s"), ("speedup_vs_N1", "vs N=1"), ("param_MB", "param MB"),
-               ("sent_MB_per_rank", "sent MB/rank (counters)"),
-               ("theory_MB_per_rank", "theory 2(N-1)/N·P MB"),
+               ("padded_MB", "padded MB"), ("sent_MB_per_rank", "sent MB/rank (counters)"),
+               ("theory_MB_per_rank", "theory 2(N-1)/N·padded MB"),
                ("wire_MB_per_rank", "loopback MB/rank"),
                ("work_per_rank", "work/rank"), ("theory_work_per_rank", "theory work/rank")]
     name = "distributed_quick" if args.quick else "distributed"
@@ -222,7 +227,10 @@ def main(argv=None) -> None:
     notes = (f"Model: {size}; fp32 parameters and gradients, ns_dtype=float32, "
              f"{cfg['steps']} timed steps (median; slowest rank) after one warm-up, gloo on one "
              f"{os.cpu_count()}-core machine, 1 thread per rank. work = matrices orthogonalized "
-             "(Muon) or parameter elements updated (AdamW) per rank per step. 'sent' is the "
+             "(Muon) or parameter elements updated (AdamW) per rank per step. padded: "
+             "DistMuon pads each stack of K same-shape matrices to a multiple of N (DistAdamW "
+             "pads dim 0), and the zeros travel too, so a stack with K < N costs N/K times its "
+             "bytes. 'sent' is the "
              "ring-model count of the optimizers; 'loopback' is the kernel's lo transmit bytes "
              "over all ranks / N (includes TCP framing and the small flag all_reduces). "
              "'gloo' rows: the bare collectives on a buffer of the Muon parameters' size "

@@ -18,7 +18,9 @@ timeout is the last line of defence for bugs (a rank that crashed or skipped a c
 
 Byte accounting uses the ring model: reduce_scatter and all_gather of a tensor of B bytes
 (full, unsharded size) send (N−1)/N·B bytes per rank, all_reduce 2·(N−1)/N·B. Backends may
-use other algorithms; benchmarks/distributed.py measures the real loopback traffic.
+use other algorithms: benchmarks/distributed.py measures the real loopback traffic, and
+gloo's reduce_scatter_tensor (torch 2.13) puts 2·(N−1)/N·B on the wire, as much as an
+all_reduce; all_gather and all_reduce match the model.
 """
 
 from __future__ import annotations

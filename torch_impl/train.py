@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -176,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "default runs/d<depth>")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue a run: from the latest checkpoint in --out-dir, or from CKPT (a checkpoint "
-                        "directory or a run directory); model, optimizer, step and data position are restored")
+                        "directory or a run directory); model, optimizer, step and data position are restored. "
+                        "The flags must describe the same model, data and optimizer (checked); the schedule "
+                        "follows this run's --steps")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out-dir that holds a previous run (deletes its checkpoints and metrics)")
     g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -269,8 +273,9 @@ def clip_grad_norm_synchronized_(params, max_norm: float, group=None) -> torch.T
     the mean gradient g = (1/N) sum_r g_r. Its norm is not recoverable from per-rank norms (sum_r |g_r|^2
     is the mean of squares, not |g|^2), and clipping each g_r by its own norm gives a different direction.
     After the all_reduce every rank holds g exactly, so the optimizer's own reduce-scatter averages N
-    identical copies: its result is g again (exactly for N = 2, to the last bit otherwise), at the price of
-    one extra all-reduce of the gradients, which is why clipping is off by default.
+    identical copies: its result is g again (exactly for N = 2; for larger N the sum of N copies may round,
+    leaving g within an ulp or so), at the price of one extra all-reduce of the gradients, which is why
+    clipping is off by default.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -324,7 +329,8 @@ def model_config_from_args(args, vocab_size: int) -> GPTConfig:
         return GPTConfig(sequence_len=args.seq_len, vocab_size=vocab_size, n_layer=args.depth, n_head=n_head,
                          n_kv_head=n_kv_head, n_embd=n_embd)
     except ValueError as e:
-        raise UsageError(f"impossible model: {e}") from None
+        raise UsageError(f"impossible model: {e} (--n-embd defaults to 64 * depth, --n-head to n_embd // 64, "
+                         f"--n-kv-head to n_head)") from None
 
 
 def check_arguments(args) -> None:
@@ -351,6 +357,8 @@ def check_arguments(args) -> None:
         raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
         raise UsageError(f"--vocab-size must be >= 257 (256 bytes + <|bos|>), got {args.vocab_size}")
+    if args.tokenizer == "bpe" and importlib.util.find_spec("tokenizers") is None:
+        raise UsageError("--tokenizer bpe needs the HuggingFace `tokenizers` package (pip install tokenizers)")
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
     if args.no_checkpoint and (args.stop_at is not None or args.checkpoint_every > 0):
@@ -361,15 +369,19 @@ def build_tokenizer(args, train_docs: list[str], d: Dist):
     if args.tokenizer == "byte":
         return ByteTokenizer()
     # BPE training is not guaranteed to break ties identically everywhere: train once, broadcast the result
+    # (as the tokenizer's JSON file, through the system temp dir: nothing lands in out_dir before validation)
     payload = [None]
-    if d.master:
-        tok = BPETokenizer.train(train_docs, args.vocab_size)
-        payload = [tok._tok.to_str()]
-    if d.active:
-        dist.broadcast_object_list(payload, src=0)
-    if not d.master:
-        from tokenizers import Tokenizer
-        tok = BPETokenizer(Tokenizer.from_str(payload[0]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        if d.master:
+            tok = BPETokenizer.train(train_docs, args.vocab_size)
+            tok.save(path)
+            payload = [path.read_text()]
+        if d.active:
+            dist.broadcast_object_list(payload, src=0)
+        if not d.master:
+            path.write_text(payload[0])
+            tok = BPETokenizer.load(path)
     return tok
 
 
@@ -398,13 +410,16 @@ def plan_run(args, d: Dist) -> Plan:
     try:
         docs = load_corpus(args.data, args.max_corpus_bytes)
         train_docs, val_docs = split_documents(docs, args.val_fraction)
-    except CorpusError as e:
+    except (CorpusError, ImportError) as e:  # ImportError: parquet without pyarrow
         raise UsageError(f"corpus: {e}") from None
     except ValueError as e:
         raise UsageError(f"corpus: {e} (a single text file is one document: pass several files or a "
                          f"directory)") from None
     if resume_from is not None:
-        tokenizer = load_tokenizer(resume_from)
+        try:
+            tokenizer = load_tokenizer(resume_from)
+        except (OSError, ValueError, ImportError) as e:
+            raise UsageError(f"--resume: cannot load the checkpoint's tokenizer: {e}") from None
         if tokenizer.kind != args.tokenizer:
             raise UsageError(f"--resume: checkpoint {resume_from} was trained with the {tokenizer.kind} tokenizer, "
                              f"this run asks for --tokenizer {args.tokenizer}")
@@ -557,7 +572,8 @@ class Logger:
             self.path.write_text("".join(line + "\n" for line in kept))
         if sys.stdout.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False,
+                            file=sys.stdout)
 
     def print(self, text: str) -> None:
         if not self.master:

@@ -5,9 +5,10 @@ length K <= 4 * n_embd = 256 here, rsqrt, exp, tanh) contributes O(sqrt(K) u) ~ 
 the RMSNorms keep activations O(1) so over 2 layers errors add rather than compound, and QK-norm keeps
 the softmax well conditioned. Each framework's logits are then within ~1e-6 relative of the exact ones,
 i.e. ~1e-5 absolute for pre-softcap logits of size ~10 (the lm_head below is drawn 4x the init scale to
-reach into the softcap's nonlinear range), so torch vs JAX differ by ~2e-5 at most (measured: <= 8.3e-6 over 6 draws).
-atol 1e-4 leaves >= 5x margin; an export bug (a transposed matrix, a dropped or renamed tensor, bf16 rounding ~4e-3
-relative) moves logits by 1e-2 or more. The same 1e-4 is tests/jax_reference/test_gpt.py's bound.
+reach into the softcap's nonlinear range), so torch vs JAX differ by ~2e-5 at most; measured: <= 8.3e-6
+over 6 draws. atol 1e-4 leaves >= 5x margin, while an export bug (a transposed matrix, a dropped or
+renamed tensor, bf16 rounding ~4e-3 relative) moves logits by 1e-2 or more. The same 1e-4 is
+tests/jax_reference/test_gpt.py's bound.
 """
 
 import math

@@ -119,3 +119,22 @@ def test_resume_of_finished_run_is_a_no_op(trained, capsys):
     code, out = call([*ARGS, "--out-dir", str(out_dir), "--resume"], capsys)
     assert code == 0 and "nothing to do" in out
     assert tree(out_dir) == before
+
+
+def test_adamw_only_with_bpe_stops_and_resumes(tmp_path, capsys):
+    # the other optimizer and tokenizer paths, in-process: a BPE tokenizer trained at the start must come
+    # back from the checkpoint (not be retrained) for the resumed run to see the same token stream
+    out_dir = tmp_path / "run"
+    argv = [*TINY, "--steps", "4", "--optimizer", "adamw", "--tokenizer", "bpe", "--vocab-size", "320",
+            "--out-dir", str(out_dir)]
+    assert main([*argv, "--stop-at", "2"]) == 0
+    assert (out_dir / "checkpoints" / "step_000002" / "tokenizer.json").is_file()
+    assert main([*argv, "--resume"]) == 0
+    capsys.readouterr()
+    train = metrics(out_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert train[0]["loss"] == pytest.approx(math.log(320), abs=1e-3)
+    assert train[-1]["loss"] < train[0]["loss"]
+    model, tok, meta = load_model(out_dir)
+    assert tok.kind == "bpe" and tok.vocab_size == model.config.vocab_size == 320
+    assert meta["args"]["optimizer"] == "adamw"
