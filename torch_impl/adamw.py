@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from torch_impl.finite import check_policy, gradients_ok, named_grads, nonfinite_names
+from torch_impl.finite import check_policy
+from torch_impl.optimizer_base import StepOptimizer
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def adamw_step(
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**t) for t in steps])
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(StepOptimizer):
     """Single-device AdamW on `adamw_step`; same arguments and results as torch.optim.AdamW
     (non-amsgrad), plus fp32 math for bf16 parameters and the `nonfinite` policy."""
 
@@ -92,16 +93,7 @@ class AdamW(torch.optim.Optimizer):
             if w is not p:
                 p.copy_(w)
 
-    @torch.no_grad()
-    def step(self, closure=None, check_finite: bool = True):
-        """`check_finite=False` when the caller (HybridOptimizer) already checked."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if check_finite and not gradients_ok(self.nonfinite, nonfinite_names(named_grads(self.param_groups))):
-            return loss
+    def apply_update(self, grads_synced: bool = False) -> None:
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             self.update(params, params, [p.grad for p in params], group)
-        return loss

@@ -23,10 +23,8 @@ from __future__ import annotations
 import torch
 
 from torch_impl.adamw import AdamW
-from torch_impl.dist_muon import keep_saved_state_dtypes
 from torch_impl.distributed import (Comm, check_same_on_all_ranks, chunk_rows, local_device_error,
                                     owned_range, param_signature, sync_grad_flags)
-from torch_impl.finite import gradients_ok
 
 
 class DistAdamW(AdamW):
@@ -68,31 +66,21 @@ class DistAdamW(AdamW):
         n = self.comm.world_size if world_size is None else world_size
         return owned_range(p.shape[0], rank, n) if self.is_sharded(p, n) else None
 
-    def global_nonfinite_names(self, param_groups: list[dict]) -> list[str]:
+    def nonfinite_names(self, param_groups: list[dict]) -> list[str]:
+        """Global, like DistMuon.nonfinite_names (one all_reduce, presence checked too)."""
         return sync_grad_flags(self.comm, param_groups, check_finite=True)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        keep_saved_state_dtypes(self, state_dict)
-
-    @torch.no_grad()
-    def step(self, closure=None, check_finite: bool = True):
-        """`check_finite=False` when the caller (HybridOptimizer) already checked globally."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def apply_update(self, grads_synced: bool = False) -> None:
         if self.stats is not None:
             self.stats.steps += 1
         if self.comm.world_size == 1:
             if self.stats is not None:
                 self.stats.elements += sum(p.numel() for g in self.param_groups
                                            for p in g["params"] if p.grad is not None)
-            super().step(check_finite=check_finite)
-            return loss
-        bad = sync_grad_flags(self.comm, self.param_groups, check_finite)
-        if not gradients_ok(self.nonfinite, bad):
-            return loss
+            super().apply_update()
+            return
+        if not grads_synced:
+            sync_grad_flags(self.comm, self.param_groups, check_finite=False)  # presence only
         n = self.comm.world_size
 
         # 1. launch every collective before any compute
@@ -142,4 +130,3 @@ class DistAdamW(AdamW):
         for p, out, work in gathers:
             work.wait()
             p.copy_(out[:p.shape[0]])
-        return loss

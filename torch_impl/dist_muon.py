@@ -26,7 +26,8 @@ runs Muon's own step: no collectives.
 Failure modes are collective, so every rank raises together instead of hanging: mismatched
 parameter lists across ranks or parameters on several devices (checked at construction by
 a small all_gather), a gradient present on some ranks only, and non-finite gradients
-(`global_nonfinite_names`). Anything else (a crashed rank) is bounded by the process
+(`nonfinite_names`, run once per step by StepOptimizer.step or HybridOptimizer). Anything
+else (a crashed rank) is bounded by the process
 group's timeout: create it with a finite one (see torch_impl/distributed.py).
 """
 
@@ -36,13 +37,14 @@ import torch
 
 from torch_impl.distributed import (Comm, check_same_on_all_ranks, chunk_rows, local_device_error,
                                     param_signature, sync_grad_flags)
-from torch_impl.finite import gradients_ok
 from torch_impl.muon import Muon, as_matrix_shape
 
 
 def static_stacks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """All parameters of a group, grouped by (shape, dtype, device) in first-seen order:
-    unlike muon.stack_groups, independent of which gradients exist, so ownership is fixed."""
+    """All parameters of a group, grouped by (shape, dtype, device type) in first-seen order.
+    Unlike muon.stack_groups this ignores which gradients exist, so ownership never moves,
+    and it keys on the device *type*: rank r's parameters live on cuda:r, yet every rank
+    must build the same stacks in the same order."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         groups.setdefault((tuple(p.shape), p.dtype, p.device.type), []).append(p)
@@ -81,32 +83,21 @@ class DistMuon(Muon):
         """Rank that owns each parameter of `group` (and its state) at this world size."""
         return muon_owners(group["params"], self.comm.world_size)
 
-    def global_nonfinite_names(self, param_groups: list[dict]) -> list[str]:
+    def nonfinite_names(self, param_groups: list[dict]) -> list[str]:
         """Names of parameters whose gradient is non-finite on any rank (identical on every
         rank); raises on every rank if gradients are present on some ranks only."""
         return sync_grad_flags(self.comm, param_groups, check_finite=True)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        keep_saved_state_dtypes(self, state_dict)
-
-    @torch.no_grad()
-    def step(self, closure=None, check_finite: bool = True):
-        """`check_finite=False` when the caller (HybridOptimizer) already checked globally."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def apply_update(self, grads_synced: bool = False) -> None:
         if self.stats is not None:
             self.stats.steps += 1
         if self.comm.world_size == 1:
             if self.stats is not None:
                 self.stats.matrices += sum(p.grad is not None for g in self.param_groups for p in g["params"])
-            super().step(check_finite=check_finite)
-            return loss
-        bad = sync_grad_flags(self.comm, self.param_groups, check_finite)
-        if not gradients_ok(self.nonfinite, bad):
-            return loss
+            super().apply_update()
+            return
+        if not grads_synced:
+            sync_grad_flags(self.comm, self.param_groups, check_finite=False)  # presence only
         n, rank = self.comm.world_size, self.comm.rank
 
         # 1. launch every reduce_scatter before any compute
@@ -148,7 +139,6 @@ class DistMuon(Muon):
             work.wait()
             for i, p in enumerate(params):
                 p.copy_(out[i].view_as(p))
-        return loss
 
 
 def muon_owners(params: list[torch.Tensor], world_size: int) -> dict[torch.Tensor, int]:
@@ -158,18 +148,3 @@ def muon_owners(params: list[torch.Tensor], world_size: int) -> dict[torch.Tenso
         for i, p in enumerate(stack):
             owners[p] = i // c
     return owners
-
-
-def keep_saved_state_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
-    """After torch.optim.Optimizer.load_state_dict: that casts floating state to the
-    parameter's dtype (fp32 momentum of bf16 parameters would become bf16) and keeps the
-    caller's `step` tensors (updated in place later, so two optimizers loaded from one dict
-    would share them). Install copies with the saved dtypes instead."""
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    by_id = dict(zip(saved_ids, params))
-    for pid, saved in state_dict["state"].items():
-        p = by_id[pid]
-        for k, v in saved.items():
-            if isinstance(v, torch.Tensor):
-                opt.state[p][k] = v.clone() if k == "step" else v.to(device=p.device, copy=True)

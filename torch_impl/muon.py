@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from torch_impl.finite import check_policy, gradients_ok, named_grads, named_params, nonfinite_names
+from torch_impl.finite import check_policy, named_params
+from torch_impl.optimizer_base import StepOptimizer
 from torch_impl.orthogonalize import frobenius_norm, newton_schulz, polar_express
 
 SHAPE_SCALES = ("max_ratio", "match_rms_adamw")
@@ -117,7 +118,7 @@ def resolve_orthogonalizer(
     return lambda X: fn(X, steps=ns_steps, compute_dtype=ns_dtype, check_finite=False)
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(StepOptimizer):
     """Single-device Muon; see the module docstring for the math.
 
     Parameters of one group with the same (matrix) shape, dtype and device are stacked so
@@ -192,22 +193,13 @@ class Muon(torch.optim.Optimizer):
             if normuon:
                 s["second_moment"].copy_(V[i])
 
-    @torch.no_grad()
-    def step(self, closure=None, check_finite: bool = True):
-        """`check_finite=False` when the caller (HybridOptimizer) already checked."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if check_finite and not gradients_ok(self.nonfinite, nonfinite_names(named_grads(self.param_groups))):
-            return loss
+    def apply_update(self, grads_synced: bool = False) -> None:
         for group in self.param_groups:
             hp = self.hyper(group)
             for params in stack_groups(group["params"]):
                 rows, cols = as_matrix_shape(params[0].shape)
                 grads = torch.stack([p.grad.reshape(rows, cols) for p in params]).float()
                 self.step_stack(params, grads, hp)
-        return loss
 
 
 def stack_groups(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from torch_impl.adamw import AdamW
-from torch_impl.finite import gradients_ok, named_grads, nonfinite_names
+from torch_impl.finite import gradients_ok
 from torch_impl.muon import Muon
 
 GROUPS = ("muon", "embedding", "unembedding", "scalar")
@@ -52,9 +52,10 @@ class HybridOptimizer:
         return [g for o in self.optimizers.values() for g in o.param_groups]
 
     def gradients_ok(self) -> bool:
-        checker = getattr(self.optimizers.get("muon"), "global_nonfinite_names", None)
-        bad = checker(self.param_groups) if checker else nonfinite_names(named_grads(self.param_groups))
-        return gradients_ok(self.nonfinite, bad)
+        # Both parts are of one kind (local, or distributed with a global check that also
+        # verifies gradient presence): either part's check covers all groups in one pass.
+        first = next(iter(self.optimizers.values()))
+        return gradients_ok(self.nonfinite, first.nonfinite_names(self.param_groups))
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -62,7 +63,7 @@ class HybridOptimizer:
         if not self.gradients_ok():
             return False
         for opt in self.optimizers.values():
-            opt.step(check_finite=False)
+            opt.apply_update(grads_synced=True)
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -90,6 +90,24 @@ def test_mismatched_param_lists_raise_on_every_rank(rank_groups, n):
     rank_groups(n).run(case_mismatched_params)
 
 
+def case_nonfinite_one_rank_adamw_only():
+    """A hybrid with no Muon part (train.py --optimizer adamw): its one check must still be
+    the global one, or the bad rank raises alone and the others hang in DistAdamW."""
+    model = {k: v for k, v in named_model().items() if not k.startswith("transformer.h.0.")}
+    model["transformer.h.0.attn.gain"] = torch.nn.Parameter(exact_randn((8,), 4))
+    before = {k: v.detach().clone() for k, v in model.items()}
+    opt = hybrid(model.items(), distributed=True)
+    assert list(opt.optimizers) == ["adamw"]
+    set_grads(model, "transformer.wte.weight", bad_rank=1)
+    raises_everywhere(opt.step, NonFiniteGradientError, "transformer.wte.weight")
+    all_ranks_agree(all(torch.equal(model[k], before[k]) for k in model), "params changed")
+
+
+@pytest.mark.parametrize("n", [2])
+def test_nonfinite_on_one_rank_raises_everywhere_without_muon(rank_groups, n):
+    rank_groups(n).run(case_nonfinite_one_rank_adamw_only)
+
+
 def case_grad_on_some_ranks():
     for name in ("transformer.h.0.attn.c_q.weight", "transformer.wte.weight"):
         model = named_model()

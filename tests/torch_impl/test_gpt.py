@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from torch_impl.gpt import GPT, GPTConfig, KVCache, norm
 

@@ -129,3 +129,21 @@ def test_hybrid_nonfinite_raise_leaves_both_optimizers_untouched():
     with pytest.raises(ValueError, match="lm_head.weight"):
         opt.step()
     assert torch.equal(params["transformer.h.0.w"], torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("cls", [Muon, AdamW])
+def test_load_state_dict_keeps_fp32_state_of_bf16_params(cls):
+    """torch.optim.Optimizer.load_state_dict casts state to the param dtype; the saved fp32
+    moments of bf16 params must come back as fp32 (and as copies, not the dict's tensors)."""
+    kw = dict(ns_dtype=torch.float32) if cls is Muon else {}
+    a = make_params([(8, 8)], dtype=torch.bfloat16)
+    opt = cls(a, **kw)
+    set_grads(a, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    opt2 = cls(b, **kw)
+    opt2.load_state_dict(saved)
+    for k, v in saved["state"][0].items():
+        assert opt2.state[b[0]][k].dtype == v.dtype, k
+        assert opt2.state[b[0]][k] is not v
