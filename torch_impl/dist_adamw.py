@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.adamw import AdamW
-from torch_impl.distributed import (Comm, check_same_on_all_ranks, chunk_rows, local_device_error,
-                                    owned_range, param_signature, sync_grad_flags)
+from torch_impl.distributed import Comm, chunk_rows, init_collectively, owned_range, sync_grad_flags
 
 
 class DistAdamW(AdamW):
@@ -38,19 +37,8 @@ class DistAdamW(AdamW):
         params = list(params)
         self.comm = Comm(process_group, track_stats)
         self.shard_min_numel = shard_min_numel
-        error = None
-        try:
-            super().__init__(params, *args, **kwargs)
-        except ValueError as e:  # raise it only after telling the other ranks
-            error = e
-        signature = "" if error else f"shard_min_numel={shard_min_numel}\n" + param_signature(self.param_groups)
-        local = str(error) if error else local_device_error(self.param_groups)
-        try:
-            check_same_on_all_ranks(self.comm, signature, local, "DistAdamW")
-        except ValueError:
-            if error:
-                raise error from None
-            raise
+        init_collectively(self, lambda: super(DistAdamW, self).__init__(params, *args, **kwargs),
+                          "DistAdamW", f"shard_min_numel={shard_min_numel}\n")
 
     @property
     def stats(self):

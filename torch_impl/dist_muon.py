@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_impl.distributed import (Comm, check_same_on_all_ranks, chunk_rows, local_device_error,
-                                    param_signature, sync_grad_flags)
+from torch_impl.distributed import Comm, chunk_rows, init_collectively, sync_grad_flags
 from torch_impl.muon import Muon, as_matrix_shape
 
 
@@ -61,19 +60,7 @@ class DistMuon(Muon):
     def __init__(self, params, *args, process_group=None, track_stats: bool = False, **kwargs):
         params = list(params)
         self.comm = Comm(process_group, track_stats)
-        error = None
-        try:
-            super().__init__(params, *args, **kwargs)
-        except ValueError as e:  # raise it only after telling the other ranks
-            error = e
-        signature = "" if error else param_signature(self.param_groups)
-        local = str(error) if error else local_device_error(self.param_groups)
-        try:
-            check_same_on_all_ranks(self.comm, signature, local, "DistMuon")
-        except ValueError:
-            if error:
-                raise error from None
-            raise
+        init_collectively(self, lambda: super(DistMuon, self).__init__(params, *args, **kwargs), "DistMuon")
 
     @property
     def stats(self):

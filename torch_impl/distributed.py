@@ -215,3 +215,22 @@ def sync_grad_flags(comm: Comm, param_groups: list[dict], check_finite: bool) ->
         raise ValueError(f"gradient present on some ranks but not on others: {', '.join(uneven)}; "
                          "every rank must produce the same set of gradients (zero-fill unused ones)")
     return [n for (n, _), b in zip(named, bad) if b]
+
+
+def init_collectively(opt, init, name: str, extra_signature: str = "") -> None:
+    """Run a distributed optimizer's base __init__ (`init`), then compare parameter lists
+    and devices across ranks. A local construction error (say a 1-D parameter in Muon) is
+    shared through the same check first, so every rank raises and none waits in it."""
+    error = None
+    try:
+        init()
+    except ValueError as e:  # raise it only after telling the other ranks
+        error = e
+    signature = "" if error else extra_signature + param_signature(opt.param_groups)
+    local = str(error) if error else local_device_error(opt.param_groups)
+    try:
+        check_same_on_all_ranks(opt.comm, signature, local, name)
+    except ValueError:
+        if error:
+            raise error from None
+        raise

@@ -68,3 +68,13 @@ def mean_grad_param_tolerance(shape, n: int, steps: int, lr: float, rule: str = 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> tuple[bool, float]:
     err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
     return err <= atol, err
+
+
+def step_identical(params, ref, opt, ref_opt, steps, seed=1):
+    """`steps` steps of a distributed and a reference optimizer on identical exact gradients."""
+    for t in range(steps):
+        for i, (p, q) in enumerate(zip(params, ref)):
+            g = exact_randn(p.shape, seed, t, i, dtype=p.dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.dist.common import U, clone_params, close, exact_randn, make_params
+from tests.dist.common import U, clone_params, close, exact_randn, make_params, step_identical
 from tests.dist.harness import all_ranks_agree, rank, world_size
 from torch_impl.adamw import AdamW
 from torch_impl.dist_adamw import DistAdamW
@@ -25,15 +25,6 @@ IN_RANKS = settings(derandomize=True, database=None, deadline=None, max_examples
                     suppress_health_check=list(HealthCheck), print_blob=False)
 # (2, 600): sharded with dim 0 < N for N ≥ 3; (1500,): sharded 1-D; the rest replicated
 SHAPES = [(2, 600), (5, 300), (1500,), (64, 32), (7,), (), (3, 4)]
-
-
-def step_identical(params, ref, opt, ref_opt, steps, seed=1):
-    for t in range(steps):
-        for i, (p, q) in enumerate(zip(params, ref)):
-            g = exact_randn(p.shape, seed, t, i, dtype=p.dtype)
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        ref_opt.step()
 
 
 def check_bitwise(params, ref, opt, ref_opt, what=""):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.dist.common import (U, clone_params, close, exact_randn, make_params,
-                               mean_grad_param_tolerance)
+                               mean_grad_param_tolerance, step_identical)
 from tests.dist.harness import all_ranks_agree, rank, world_size
 from torch_impl.dist_muon import DistMuon
 from torch_impl.muon import Muon
@@ -35,15 +35,6 @@ def run_pair(specs, kwargs, steps, grad_key):
     ref = clone_params(params)
     opt, ref_opt = DistMuon(params, **kwargs), Muon(ref, **kwargs)
     return params, ref, opt, ref_opt
-
-
-def step_identical(params, ref, opt, ref_opt, steps, seed=1):
-    for t in range(steps):
-        for i, (p, q) in enumerate(zip(params, ref)):
-            g = exact_randn(p.shape, seed, t, i, dtype=p.dtype)
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        ref_opt.step()
 
 
 def check_bitwise(params, ref, opt, ref_opt, what=""):
