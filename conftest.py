@@ -19,3 +19,41 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 # Tests compare eager torch with jax.jit; compiled torch is tested separately.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+# -- guard: every test file under the requested folders must collect something ------------
+# A folder pytest silently skips (its default norecursedirs once hid tests/dist/) or a file
+# whose tests all fail to collect would otherwise pass CI unnoticed. Checked before -m/-k
+# deselection; a module skipped at import (pytest.importorskip) counts as accounted for.
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+_skipped_files: set[Path] = set()
+
+
+def pytest_collectreport(report):
+    if report.skipped and report.nodeid.endswith(".py"):
+        _skipped_files.add(Path(report.fspath).resolve())
+
+
+def _test_files(root: Path) -> list[Path]:
+    # deliberately not pytest's norecursedirs: the guard exists to catch those patterns
+    return [f.resolve() for f in sorted(root.rglob("test_*.py"))
+            if not any(part.startswith(".") or part in ("venv", "node_modules")
+                       for part in f.relative_to(root).parts[:-1])]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    collected = {Path(str(item.path)).resolve() for item in items}
+    missing = []
+    for arg in config.args:
+        root = Path(config.rootpath, arg.split("::")[0]).resolve()
+        if "::" in arg or not root.is_dir():
+            continue
+        missing += [f for f in _test_files(root) if f not in collected | _skipped_files]
+    if missing:
+        names = ", ".join(str(f.relative_to(config.rootpath)) for f in missing)
+        raise pytest.UsageError(f"test files collected no tests (a norecursedirs pattern or a "
+                                f"collection problem?): {names}")
