@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test,bench,train]'
+	$(PY) -m pip install -q -e '.[test,bench,train,dev]'
 	touch $@
 
 .PHONY: setup run orthogonalize-report test parity bench

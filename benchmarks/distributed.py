@@ -90,10 +90,10 @@ def _worker(rank, n, port, cfg, results):
     warnings.filterwarnings("ignore", category=FutureWarning)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
                             timeout=timedelta(seconds=600))
-    from torch_impl.adamw import AdamW
-    from torch_impl.dist_adamw import DistAdamW
-    from torch_impl.dist_muon import DistMuon
-    from torch_impl.muon import Muon
+    from torch_impl.optim import AdamW
+    from torch_impl.optim import DistAdamW
+    from torch_impl.optim import DistMuon
+    from torch_impl.optim import Muon
 
     def make(shapes, seed):
         g = torch.Generator().manual_seed(seed)

@@ -24,8 +24,8 @@ import torch
 
 import jax_reference.muon as JM
 from benchmarks.report import median_time, write_report
-from torch_impl.adamw import AdamW
-from torch_impl.muon import Muon
+from torch_impl.optim import AdamW
+from torch_impl.optim import Muon
 
 
 def matrix_shapes(depth: int, width: int) -> list[tuple[int, int]]:

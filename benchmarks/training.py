@@ -9,7 +9,7 @@ scaling), so tokens per step grow with the ranks.
 MFU counts model FLOPs only (6·params + attention per token, GPT.estimate_flops), so the time Muon
 spends orthogonalizing shows up as lost MFU: the AdamW-only rows put everything in AdamW and isolate
 that cost. On CPU the peak is the measured single-thread fp32 matmul rate of this machine (there is no
-datasheet number for a shared vCPU); on CUDA the GPU table of torch_impl.train applies.
+datasheet number for a shared vCPU); on CUDA the GPU table of torch_impl.device applies.
 
     python -m benchmarks.training            # d4, d8, d12 (d12 + Muon on one CPU core: minutes per step)
     python -m benchmarks.training --quick    # d4 only, about a minute

@@ -1,35 +1,40 @@
-"""Muon (with optional NorMuon and cautious weight decay) as an optax transformation.
+"""Muon (with optional NorMuon and cautious weight decay) as an optax chain.
 
-Muon (https://kellerjordan.github.io/posts/muon/) orthogonalizes the momentum
-of each weight matrix. Per matrix P (rows, cols) with gradient G, step count t
-(starting at 0) and lr = learning_rate(t):
+The math is .specs/muon_math.md §2–§7; this module is that spec written as
+small optax transforms, applied in the spec's order:
 
-  1. buf ← buf + (1−μ)(G − buf)                      EMA momentum
-  2. U = G + μ(buf − G) if nesterov else buf
-  3. O = orth(U)                                     Newton-Schulz / Polar Express
-  4. NorMuon (https://arxiv.org/abs/2510.05491, as in nanochat), if β2 is set:
-       reduce over cols if rows >= cols else over rows,
-       v ← v + (1−β2)(mean(O², reduced axis) − v),   D = 1/sqrt(max(v, 1e-10)),
-       O ← O·D · ‖O‖_F / max(‖O·D‖_F, 1e-10)        (same Frobenius norm)
-  5. scale = max(1, rows/cols)^½ ("max_ratio", nanochat) or
-             0.2·sqrt(max(rows, cols)) ("match_rms_adamw", Moonlight)
-  6. mask = 1, or (O·P >= 0) with cautious weight decay
-     P' = P − lr·wd·mask·P − lr·scale·O              (decay is not shape-scaled)
+    muon(...) = guard_nonfinite(in_float32(optax.chain(
+        scale_by_orthogonalized_momentum(momentum, nesterov, orth),  # §3, §4: G ↦ O
+        scale_by_normuon(beta2),                                     # §5 (identity if beta2 is None)
+        scale_by_shape(rule),                                        # §6: O ↦ s·O
+        add_cautious_decayed_weights(wd)                             # §7: + wd·mask⊙P
+          or optax.add_decayed_weights(wd),                          #     (mask = 1)
+        optax.scale_by_learning_rate(lr),                            # §7: × (−lr)
+    )), nonfinite)                                                   # §2 fp32, §9 policy
 
-N-D leaves are viewed as (shape[0], prod(shape[1:])). All math is float32
-whatever the param dtype; the update is cast back to the param dtype.
+so the update is Δ = −lr·(s·O + wd·mask⊙P), eq. (9). Every transform works
+leaf by leaf through jax.tree.map; where the math needs a matrix, a leaf is
+viewed as (shape[0], prod(shape[1:])) (§2) and reshaped back. The transforms
+compute in float32 and return float32 updates; `muon` casts the final update
+to the param dtype (jax_reference.precision.in_float32).
+
+The state is a MuonState: the chain's tuple of per-transform states as named fields,
+plus read-only `momentum`, `second_moment` (None without NorMuon) and `count`
+(steps taken); optax.tree_utils.tree_get(state, name) finds the same values.
 """
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jax_reference import _finite
+from jax_reference.nonfinite import check_policy, guard_nonfinite
 from jax_reference.orthogonalize import NS5_COEFFS, newton_schulz, polar_express
+from jax_reference.precision import in_float32
 
 ORTHOGONALIZERS = {
     "newton_schulz": functools.partial(newton_schulz, coeffs=NS5_COEFFS),
@@ -38,32 +43,114 @@ ORTHOGONALIZERS = {
 SHAPE_SCALES = ("max_ratio", "match_rms_adamw")
 
 
-class MuonState(NamedTuple):
-    count: jax.Array  # int32 scalar, number of steps taken
-    momentum: optax.Updates  # float32, shaped like params
-    second_moment: Optional[optax.Updates]  # float32 (rows, 1) or (1, cols); None without NorMuon
+# ---- shapes (§2, §5, §6) -------------------------------------------------------------
 
 
 def as_matrix_shape(shape) -> tuple[int, int]:
-    """(rows, cols) view of an N-D parameter: rows = shape[0]."""
+    """(rows, cols) view of an N-D parameter: (shape[0], prod(shape[1:])), §2."""
+    if len(shape) < 2:
+        raise ValueError(f"Muon needs parameters with ndim >= 2, got shape {tuple(shape)}")
     return shape[0], math.prod(shape[1:])
 
 
-def second_moment_shape(rows: int, cols: int) -> tuple[int, int]:
-    # NorMuon keeps one statistic per row of the long side.
+def normuon_state_shape(rows: int, cols: int) -> tuple[int, int]:
+    """NorMuon keeps one second moment per row of the larger side, §5 eq. (4)."""
     return (rows, 1) if rows >= cols else (1, cols)
 
 
-def shape_scale_factor(rows: int, cols: int, shape_scale: str) -> float:
-    if shape_scale == "max_ratio":
+def shape_scale(rows: int, cols: int, rule: str) -> float:
+    """The update multiplier s of §6 eq. (7) for a (rows, cols) matrix."""
+    if rule == "max_ratio":
         return max(1.0, rows / cols) ** 0.5
-    if shape_scale == "match_rms_adamw":
+    if rule == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
-    raise ValueError(f"shape_scale must be one of {SHAPE_SCALES}, got {shape_scale!r}")
+    raise ValueError(f"shape_scale must be one of {SHAPE_SCALES}, got {rule!r}")
+
+
+def check_matrices(tree, what: str) -> None:
+    """ValueError naming the first leaf with ndim < 2 (Muon is for matrices, §2)."""
+
+    def check(path, x):
+        if jnp.ndim(x) < 2:
+            raise ValueError(
+                f"muon needs matrices (ndim >= 2) but {what} {jax.tree_util.keystr(path)} "
+                f"has shape {tuple(jnp.shape(x))}; route it to AdamW instead"
+            )
+
+    jax.tree_util.tree_map_with_path(check, tree)
+
+
+def _as_matrix(x) -> jax.Array:
+    """float32 (rows, cols) view of a leaf (§2)."""
+    return jnp.reshape(x, as_matrix_shape(jnp.shape(x))).astype(jnp.float32)
+
+
+def _unzip(like, pairs):
+    """A tree of 2-tuples, structured like `like`, as a 2-tuple of trees."""
+    return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0, 0)), pairs)
+
+
+# ---- orthogonalizer (§4) -------------------------------------------------------------
+
+
+def resolve_orthogonalizer(
+    orthogonalizer: str | Callable[..., Any], ns_steps: int, ns_dtype, eps: float = 1e-7
+) -> Callable[[jax.Array], jax.Array]:
+    """orth of §4 eq. (3): X ↦ f(X, steps=ns_steps, eps=eps, compute_dtype=ns_dtype).
+
+    `orthogonalizer` is "newton_schulz" (NS5 coefficients), "polar_express", or
+    a callable with that keyword signature.
+    """
+    if callable(orthogonalizer):
+        fn = orthogonalizer
+    elif orthogonalizer in ORTHOGONALIZERS:
+        fn = ORTHOGONALIZERS[orthogonalizer]
+    else:
+        raise ValueError(
+            f"orthogonalizer must be a callable or one of {tuple(ORTHOGONALIZERS)}, got {orthogonalizer!r}"
+        )
+    return functools.partial(fn, steps=ns_steps, eps=eps, compute_dtype=ns_dtype)
+
+
+# ---- the transforms, in chain order --------------------------------------------------
+
+
+class OrthogonalizedMomentumState(NamedTuple):
+    momentum: optax.Updates  # float32 EMA buffer M of §3, shaped like params
+
+
+def scale_by_orthogonalized_momentum(
+    momentum: float, nesterov: bool, orthogonalize: Callable[[jax.Array], jax.Array]
+) -> optax.GradientTransformation:
+    """G ↦ O = orth(U): EMA momentum and Nesterov (§3 eqs. 1–2), then orth (§4 eq. 3).
+
+    `orthogonalize` maps a float32 (rows, cols) matrix to its approximate polar
+    factor (e.g. resolve_orthogonalizer(...)). State: the momentum buffer.
+    Leaves must have ndim >= 2 (ValueError naming the leaf otherwise).
+    """
+
+    def init_fn(params):
+        check_matrices(params, "param")
+        return OrthogonalizedMomentumState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
+
+    def leaf(g, buf):
+        g = jnp.asarray(g).astype(jnp.float32)
+        buf = buf + (1 - momentum) * (g - buf)
+        U = g + momentum * (buf - g) if nesterov else buf
+        O = orthogonalize(_as_matrix(U)).astype(jnp.float32)
+        return jnp.reshape(O, jnp.shape(g)), buf
+
+    def update_fn(updates, state, params=None):
+        del params
+        check_matrices(updates, "gradient")
+        O, buf = _unzip(updates, jax.tree.map(leaf, updates, state.momentum))
+        return O, OrthogonalizedMomentumState(buf)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def normuon(O: jax.Array, v: jax.Array, beta2) -> tuple[jax.Array, jax.Array]:
-    """Row/column-wise second-moment normalization that keeps ‖O‖_F."""
+    """One float32 (rows, cols) matrix through §5 eqs. (4)–(6): returns (new O, new v)."""
     rows, cols = O.shape
     axis = -1 if rows >= cols else -2
     v = v + (1 - beta2) * (jnp.mean(O * O, axis=axis, keepdims=True) - v)
@@ -72,141 +159,142 @@ def normuon(O: jax.Array, v: jax.Array, beta2) -> tuple[jax.Array, jax.Array]:
     return OD * gain, v
 
 
-def muon_matrix_update(
-    grad: jax.Array,
-    param: jax.Array,
-    buf: jax.Array,
-    second_moment: Optional[jax.Array],
-    *,
-    learning_rate,
-    momentum: float,
-    nesterov: bool,
-    orthogonalize: Callable[[jax.Array], jax.Array],
-    weight_decay: float = 0.0,
-    cautious_weight_decay: bool = False,
-    normuon_beta2: Optional[float] = None,
-    shape_scale: str = "max_ratio",
-) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
-    """Steps 1-6 for one float32 (rows, cols) matrix.
+class NorMuonState(NamedTuple):
+    second_moment: optax.Updates  # float32 v of §5, normuon_state_shape(rows, cols) per leaf
 
-    Returns (update, new_buf, new_second_moment) with update = P' − P.
+
+def scale_by_normuon(beta2: float) -> optax.GradientTransformation:
+    """O ↦ NorMuon(O): per-row/column second-moment scaling keeping ‖O‖_F (§5).
+
+    State: the second moment v, one per row of each leaf's larger side.
     """
-    rows, cols = grad.shape
-    buf = buf + (1 - momentum) * (grad - buf)
-    U = grad + momentum * (buf - grad) if nesterov else buf
-    O = orthogonalize(U).astype(jnp.float32)
-    if normuon_beta2 is not None:
-        O, second_moment = normuon(O, second_moment, normuon_beta2)
-    scale = shape_scale_factor(rows, cols, shape_scale)
-    decay = weight_decay * param
-    if cautious_weight_decay:
-        # Decay only where update and weight agree in sign (zeros included).
-        decay = jnp.where(O * param >= 0, decay, 0.0)
-    update = -learning_rate * decay - (learning_rate * scale) * O
-    return update, buf, second_moment
+
+    def init_fn(params):
+        check_matrices(params, "param")
+        zeros = lambda p: jnp.zeros(normuon_state_shape(*as_matrix_shape(jnp.shape(p))), jnp.float32)
+        return NorMuonState(jax.tree.map(zeros, params))
+
+    def leaf(u, v):
+        O, v = normuon(_as_matrix(u), v, beta2)
+        return jnp.reshape(O, jnp.shape(u)), v
+
+    def update_fn(updates, state, params=None):
+        del params
+        check_matrices(updates, "update")
+        O, v = _unzip(updates, jax.tree.map(leaf, updates, state.second_moment))
+        return O, NorMuonState(v)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _check_matrices(tree, what: str) -> None:
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if jnp.ndim(x) < 2:
-            raise ValueError(
-                f"muon needs matrices (ndim >= 2) but {what} {jax.tree_util.keystr(path)} "
-                f"has shape {tuple(jnp.shape(x))}; route it to AdamW instead"
-            )
+def scale_by_shape(rule: str) -> optax.GradientTransformation:
+    """O ↦ s·O with s = shape_scale(rows, cols, rule) of each leaf (§6). Stateless."""
+    shape_scale(2, 1, rule)  # validate the name now, not at the first step
+
+    def update_fn(updates, state, params=None):
+        del params
+        check_matrices(updates, "update")
+        scaled = jax.tree.map(lambda u: u * shape_scale(*as_matrix_shape(jnp.shape(u)), rule), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def _resolve_orthogonalizer(orthogonalizer) -> Callable:
-    if callable(orthogonalizer):
-        return orthogonalizer
-    if orthogonalizer in ORTHOGONALIZERS:
-        return ORTHOGONALIZERS[orthogonalizer]
-    raise ValueError(f"orthogonalizer must be a callable or one of {tuple(ORTHOGONALIZERS)}, got {orthogonalizer!r}")
+def add_cautious_decayed_weights(weight_decay: float) -> optax.GradientTransformation:
+    """u ↦ u + wd·mask⊙P, mask = 1[u⊙P ≥ 0]: cautious decoupled decay, §7 eq. (8).
+
+    Placed after scale_by_shape, u = s·O with s > 0, so u⊙P has the sign of O⊙P
+    (the spec's mask) and the decay term itself is not shape-scaled. Needs params.
+    With weight_decay == 0 it is the identity (like optax.add_decayed_weights).
+    """
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_cautious_decayed_weights needs params: call update(updates, state, params)")
+        if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+            return updates, state
+        # Decay only where update and weight agree in sign (exact zeros included).
+        decayed = lambda u, p: u + jnp.where(u * p >= 0, weight_decay * p, 0.0)
+        return jax.tree.map(decayed, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+# ---- the optimizer -------------------------------------------------------------------
+
+
+class MuonState(NamedTuple):
+    """muon()'s state: one field per transform of the chain, in chain order."""
+
+    orthogonalized_momentum: OrthogonalizedMomentumState
+    normuon: NorMuonState | optax.EmptyState
+    shape_scale: optax.EmptyState
+    weight_decay: optax.EmptyState
+    learning_rate: optax.ScaleByScheduleState
+
+    @property
+    def momentum(self) -> optax.Updates:
+        return self.orthogonalized_momentum.momentum
+
+    @property
+    def second_moment(self) -> optax.Updates | None:
+        return getattr(self.normuon, "second_moment", None)
+
+    @property
+    def count(self) -> jax.Array:
+        return self.learning_rate.count
+
+
+def _with_muon_state(chain: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`chain` with its tuple state named as a MuonState."""
+
+    def init_fn(params):
+        return MuonState(*chain.init(params))
+
+    def update_fn(updates, state, params=None):
+        updates, state = chain.update(updates, state, params)
+        return updates, MuonState(*state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def muon(
-    learning_rate: Union[float, optax.Schedule],
+    learning_rate: float | optax.Schedule,
     momentum: float = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
-    orthogonalizer: Union[str, Callable[..., Any]] = "newton_schulz",
+    orthogonalizer: str | Callable[..., Any] = "newton_schulz",
     weight_decay: float = 0.0,
     cautious_weight_decay: bool = False,
-    normuon_beta2: Optional[float] = None,
+    normuon_beta2: float | None = None,
     shape_scale: str = "max_ratio",
     ns_dtype=jnp.bfloat16,
     eps: float = 1e-7,
     nonfinite: str = "raise",
 ) -> optax.GradientTransformationExtraArgs:
-    """Muon as an optax.GradientTransformation; `update` needs params.
+    """Muon (.specs/muon_math.md §3–§7) as an optax transformation; `update` needs params.
 
     Args:
-      learning_rate: float, or optax schedule evaluated at the step count
-        (0 on the first step).
-      orthogonalizer: "newton_schulz" (NS5 coefficients), "polar_express", or
-        a callable f(X, steps=..., eps=..., compute_dtype=...).
-      ns_steps, eps, ns_dtype: passed to the orthogonalizer as steps, eps,
-        compute_dtype.
-      nonfinite: "raise": a NaN/inf gradient is a ValueError naming the leaf
-        (eager), or a checkify.check under tracing, so run the jitted update
-        through checkify.checkify (a plain jit of a "raise" transformation
-        fails to lower); "skip": the step becomes a no-op (zero updates,
-        state and count unchanged), jit-friendly. See jax_reference._finite.
-      Other arguments: see the module docstring.
+      learning_rate: float, or optax schedule evaluated at the number of steps
+        taken (0 on the first step). A float is wrapped in a constant schedule,
+        so the state always carries the step count.
+      orthogonalizer, ns_steps, eps, ns_dtype: see resolve_orthogonalizer.
+      shape_scale: "max_ratio" or "match_rms_adamw" (§6).
+      nonfinite: "raise" or "skip" (§9, jax_reference.nonfinite): under jit,
+        "raise" needs checkify.checkify around the jitted update.
 
     Every leaf must have ndim >= 2 (ValueError naming the leaf otherwise).
     """
-    orth = functools.partial(
-        _resolve_orthogonalizer(orthogonalizer), steps=ns_steps, eps=eps, compute_dtype=ns_dtype
+    orthogonalize = resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype, eps)
+    rule = shape_scale  # the argument shadows the module-level function of that name
+    check_policy(nonfinite)
+    schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
+    decay = add_cautious_decayed_weights if cautious_weight_decay else optax.add_decayed_weights
+    chain = optax.chain(
+        scale_by_orthogonalized_momentum(momentum, nesterov, orthogonalize),
+        optax.identity() if normuon_beta2 is None else scale_by_normuon(normuon_beta2),
+        scale_by_shape(rule),
+        decay(weight_decay),
+        optax.scale_by_learning_rate(schedule),
     )
-    shape_scale_factor(2, 1, shape_scale)  # validate the name now, not at the first step
-    _finite.check_mode(nonfinite)
-    matrix_update = functools.partial(
-        muon_matrix_update,
-        momentum=momentum,
-        nesterov=nesterov,
-        orthogonalize=orth,
-        weight_decay=weight_decay,
-        cautious_weight_decay=cautious_weight_decay,
-        normuon_beta2=normuon_beta2,
-        shape_scale=shape_scale,
-    )
-
-    def init_fn(params):
-        _check_matrices(params, "param")
-        buf = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-        v = None
-        if normuon_beta2 is not None:
-            v = jax.tree.map(
-                lambda p: jnp.zeros(second_moment_shape(*as_matrix_shape(jnp.shape(p))), jnp.float32), params
-            )
-        return MuonState(count=jnp.zeros([], jnp.int32), momentum=buf, second_moment=v)
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
-        _check_matrices(updates, "gradient")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        lr = jnp.asarray(lr, jnp.float32)
-
-        grads, treedef = jax.tree.flatten(updates)
-        ps = treedef.flatten_up_to(params)
-        bufs = treedef.flatten_up_to(state.momentum)
-        vs = [None] * len(grads) if state.second_moment is None else treedef.flatten_up_to(state.second_moment)
-
-        out_u, out_buf, out_v = [], [], []
-        for g, p, buf, v in zip(grads, ps, bufs, vs):
-            shape = jnp.shape(p)
-            as2d = lambda x: jnp.reshape(x, as_matrix_shape(shape)).astype(jnp.float32)
-            u, buf, v = matrix_update(as2d(g), as2d(p), as2d(buf), v, learning_rate=lr)
-            out_u.append(jnp.reshape(u, shape).astype(jnp.result_type(p)))
-            out_buf.append(jnp.reshape(buf, shape))
-            out_v.append(v)
-
-        new_state = MuonState(
-            count=optax.safe_increment(state.count),
-            momentum=treedef.unflatten(out_buf),
-            second_moment=None if state.second_moment is None else treedef.unflatten(out_v),
-        )
-        return treedef.unflatten(out_u), new_state
-
-    return _finite.guard_nonfinite(optax.GradientTransformation(init_fn, update_fn), nonfinite)
+    return guard_nonfinite(in_float32(_with_muon_state(chain)), nonfinite)

@@ -1,31 +1,23 @@
 """The nanochat hybrid optimizer: Muon for block matrices, AdamW for the rest.
 
-nanochat (https://github.com/karpathy/nanochat) trains the 2-D weights inside
-the transformer blocks with Muon and everything else with AdamW in three
-groups (token embedding, lm_head, scalars), whose learning rates shrink as
-(model_dim/768)^-½ with width. Parameters are a flat dict keyed by torch-style
-names ("transformer.h.0.attn.c_q.weight", "transformer.wte.weight",
-"lm_head.weight", ...).
+The split, the learning rates and the shared non-finite check are
+.specs/muon_math.md §10 (nanochat, https://github.com/karpathy/nanochat).
+Parameters are a flat dict keyed by torch-style names
+("transformer.h.0.attn.c_q.weight", "transformer.wte.weight", "lm_head.weight", ...).
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import optax
 
-from jax_reference import _finite
 from jax_reference.adamw import adamw
 from jax_reference.muon import muon
+from jax_reference.nonfinite import guard_nonfinite
 
 
-def label_params(name: str, shape) -> str:
-    """Group of a parameter; the first matching rule wins.
-
-    "muon": ndim >= 2 inside the blocks (name starts with "transformer.h.");
-    "embedding": name contains "wte"; "unembedding": name starts with
-    "lm_head"; "scalar": everything else (0/1-D params and 2-D params
-    outside the blocks that are neither embedding nor lm_head).
-    """
+def label_param(name: str, shape) -> str:
+    """Group of a parameter ("muon", "embedding", "unembedding" or "scalar"), §10 eq. (14)."""
     if len(shape) >= 2 and name.startswith("transformer.h."):
         return "muon"
     if "wte" in name:
@@ -44,11 +36,11 @@ def hybrid(
     adam_betas: tuple[float, float] = (0.8, 0.95),
     adam_eps: float = 1e-10,
     adam_weight_decay: float = 0.0,
-    model_dim: Optional[int] = None,
-    lr_multiplier: Optional[Callable] = None,
+    model_dim: int | None = None,
+    lr_multiplier: Callable | None = None,
     **muon_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
-    """optax.multi_transform over the groups of label_params.
+    """optax.multi_transform over the groups of label_param (§10).
 
     lr_multiplier(step) (step = number of steps taken, 0 first) multiplies
     every group's learning rate: each group gets the optax schedule
@@ -61,7 +53,7 @@ def hybrid(
     applied once to the whole gradient dict, so "skip" skips every group
     together rather than only the group holding the bad gradient.
     """
-    labels = {name: label_params(name, jnp.shape(p)) for name, p in params.items()}
+    labels = {name: label_param(name, jnp.shape(p)) for name, p in params.items()}
     width = 1.0 if model_dim is None else (model_dim / 768) ** -0.5
     nonfinite = muon_kwargs.get("nonfinite", "raise")
 
@@ -80,4 +72,4 @@ def hybrid(
         "unembedding": adam_group(unembedding_lr),
         "scalar": adam_group(scalar_lr),
     }
-    return _finite.guard_nonfinite(optax.multi_transform(transforms, labels), nonfinite)
+    return guard_nonfinite(optax.multi_transform(transforms, labels), nonfinite)

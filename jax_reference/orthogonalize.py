@@ -19,8 +19,11 @@ Layout follows torch: matrices are (rows, cols) in the last two axes, leading
 axes are a batch. Tall matrices are processed transposed so that the Gram
 matrix A is the small side.
 
+This is the orth of .specs/muon_math.md §4, which treats it as a black box.
+
 Public names: NS5_COEFFS, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_NORM_SCALE,
-newton_schulz, polar_express, exact_polar, polynomial_oracle.
+coefficient_schedule, newton_schulz, polar_express, exact_polar,
+polynomial_oracle.
 """
 
 import functools
@@ -80,7 +83,7 @@ def _as_triple(t) -> Triple:
     return tuple(float(x) for x in t)
 
 
-def _coefficient_schedule(coeffs: Coeffs, steps: int) -> list[Triple]:
+def coefficient_schedule(coeffs: Coeffs, steps: int) -> list[Triple]:
     """One (a, b, c) per step; a single triple repeats, a list's last triple repeats."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -172,7 +175,7 @@ def newton_schulz(
     """
     G = jnp.asarray(G)
     _check_matrix(G.dtype, G.shape, None if _is_traced(G) else G)
-    schedule = _coefficient_schedule(coeffs, steps)
+    schedule = coefficient_schedule(coeffs, steps)
     compute_dtype = jnp.dtype(compute_dtype)
     if not jnp.issubdtype(compute_dtype, jnp.floating):
         raise ValueError(f"compute_dtype must be floating, got {compute_dtype}")
@@ -224,7 +227,7 @@ def polynomial_oracle(G, coeffs: Coeffs, steps: int, eps: float = 1e-7, norm_sca
     step applies s ← a s + b s³ + c s⁵ with that step's triple (same schedule
     rules as newton_schulz), and the result is U diag(s) Vᵀ.
     """
-    schedule = _coefficient_schedule(coeffs, steps)
+    schedule = coefficient_schedule(coeffs, steps)
     G, U, S, Vh = _fp64_svd(G)
     norm = np.sqrt(np.sum(np.square(G), axis=(-2, -1)))[..., None]
     s = S / (norm * norm_scale + eps)

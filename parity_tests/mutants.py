@@ -45,3 +45,26 @@ MUTANTS += [
            "params.sub_(params * (O * params <= 0), alpha=decay)",
            MUON_TESTS, MUON_SELECT),
 ]
+
+# Distributed planted bugs: caught by the multi-rank tests in tests/dist (gloo, spawned ranks).
+DIST_MUON_TESTS = ("tests/dist/test_dist_muon.py",)
+DIST_ADAMW_TESTS = ("tests/dist/test_dist_adamw.py",)
+DIST_HYBRID_TESTS = ("tests/dist/test_dist_hybrid.py",)
+
+MUTANTS += [
+    Mutant("dist: gradients summed over ranks, not averaged", "torch_impl/distributed.py",
+           "def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.AVG):",
+           "def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.SUM):",
+           DIST_MUON_TESTS, "identical_data_matches_muon_bitwise"),
+    Mutant("dist: matrix owners by position modulo N", "torch_impl/placement.py",
+           "out.update({p: Owned(i // c) for i, p in enumerate(stack)})",
+           "out.update({p: Owned(i % world_size) for i, p in enumerate(stack)})",
+           DIST_MUON_TESTS, "identical_data_matches_muon_bitwise"),
+    Mutant("dist: AdamW rows gathered at the wrong offset", "torch_impl/optim.py",
+           "p.copy_(out[:p.shape[0]])", "p.copy_(out[-p.shape[0]:])",
+           DIST_ADAMW_TESTS, "identical_data_matches_adamw_bitwise"),
+    Mutant("dist: non-owners keep their stale matrices", "torch_impl/optim.py",
+           "p.copy_(out[i].view_as(p))",
+           "p.copy_(out[i].view_as(p)) if self.placement(p).holds(rank) else None",
+           DIST_HYBRID_TESTS, "churn"),
+]

@@ -1,14 +1,18 @@
-"""Communication helpers for the sharded optimizers (DistMuon, DistAdamW).
+"""torch.distributed for the whole package: the process group, the collectives the optimizers
+wrap around the math, the checks that make every failure collective, the synchronised clip.
 
-- `Comm`: the process group an optimizer talks to (rank, world size; world size 1 when no
-  group is initialized), its collectives launched with `async_op=True` and returned as
-  `Work` handles (gloo's `Work.get_future()` raises, so callers `wait()` on the handles),
-  and optional byte counters (`CommStats`).
+- `init_from_env`: the one process-group initializer (torchrun's environment; NCCL on CUDA with
+  one device per rank, gloo otherwise; always a finite timeout), returning a `Dist` record.
+- `Comm`: the process group an optimizer talks to (rank, world size; `Comm.local()` is a
+  single process that never communicates, whatever process group exists), its collectives
+  launched with `async_op=True` and returned as `Work` handles (gloo's `Work.get_future()`
+  raises, so callers `wait()` on the handles), and optional byte counters (`CommStats`).
 - `check_same_on_all_ranks`: a small all_gather at construction that makes every rank raise
   together when the parameter lists differ (or one rank failed locally) instead of some
   ranks hanging in the first collective.
-- `sync_grad_flags`: one all_reduce(MAX) per step of per-parameter "gradient non-finite",
+- `grad_flags`: one all_reduce(MAX) per step of per-parameter "gradient non-finite",
   "gradient present" and "gradient absent" flags, so every rank raises or skips together.
+- `clip_grad_norm_synchronized_`: gradient clipping on the rank-averaged gradient.
 
 Timeouts: a collective whose peer never arrives waits for the process group's `timeout`, so
 always create the group with a finite one, e.g.
@@ -26,7 +30,6 @@ all_reduce; all_gather and all_reduce match the model.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,7 +37,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from torch_impl.finite import named_params
 
 DEFAULT_TIMEOUT = timedelta(seconds=300)
 
@@ -50,20 +52,66 @@ def world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def init_from_env(timeout: timedelta = DEFAULT_TIMEOUT) -> tuple[int, int]:
-    """Initialize the default group from torchrun's environment (RANK, WORLD_SIZE, ...):
-    NCCL on CUDA (device = LOCAL_RANK), gloo otherwise, always with a finite timeout.
-    Returns (rank, world size); a no-op returning (0, 1) outside torchrun."""
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: its rank, world size and the device it computes on."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def active(self) -> bool:
+        """Whether there are other ranks to talk to."""
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        """Rank 0: the one that prints and writes shared files."""
+        return self.rank == 0
+
+
+def init_from_env(device: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT) -> Dist:
+    """Join the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK in the environment): initialize the
+    default process group, NCCL on CUDA with GPU LOCAL_RANK per rank, gloo on CPU. Without torchrun (no
+    RANK) there is no process group: a Dist of one rank. `device` is "auto" (cuda if available), "cpu" or
+    "cuda". If a group is already initialized (tests, benchmarks), this describes it instead.
+
+    The finite timeout turns a rank that died into an error on the others instead of a hang. NCCL gets
+    `device_id`, binding the group to this rank's GPU at once rather than guessing it at the first
+    collective."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested, but no CUDA device is available")
     if is_initialized():
-        return world()
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl", timeout=timeout)
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
-    return world()
+        rank, world_size = world()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        on_gpu = "nccl" in str(dist.get_backend())
+        return Dist(rank, local_rank, world_size,
+                    torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, torch.device(device_type))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device_type == "cuda":
+        gpu = torch.device("cuda", local_rank)
+        torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl", device_id=gpu, timeout=timeout)
+        return Dist(rank, local_rank, world_size, gpu)
+    dist.init_process_group("gloo", timeout=timeout)
+    return Dist(rank, local_rank, world_size, torch.device("cpu"))
+
+
+class Work:
+    """A collective that is already complete: what a skipped collective returns."""
+
+    def wait(self) -> bool:
+        return True
+
+
+DONE = Work()
 
 
 @dataclass
@@ -96,12 +144,18 @@ class CommStats:
 
 
 class Comm:
-    """A process group (None: the default one) seen from one rank, with byte counters."""
+    """A process group (None: the default one) seen from one rank, with byte counters.
+    `Comm.local()` is this process alone: rank 0 of 1, whatever group exists."""
 
-    def __init__(self, group=None, track_stats: bool = False):
+    def __init__(self, group=None, track_stats: bool = False, local: bool = False):
         self.group = group
-        self.rank, self.world_size = world(group)
+        self.is_local = local
+        self.rank, self.world_size = (0, 1) if local else world(group)
         self.stats = CommStats() if track_stats else None
+
+    @classmethod
+    def local(cls, track_stats: bool = False) -> "Comm":
+        return cls(None, track_stats, local=True)
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +174,14 @@ class Comm:
         self._count("reduce_scatter", inp.numel() * inp.element_size(), (n - 1) / n)
         return dist.reduce_scatter_tensor(out, inp, op=op, group=self.group, async_op=True)
 
+    def reduce_scatter_chunks(self, inp: torch.Tensor) -> tuple[torch.Tensor, "Work"]:
+        """Async AVG reduce_scatter of `inp` (dim 0 = N chunks) into a new tensor holding this
+        rank's chunk. With one rank that chunk is `inp` itself and nothing is launched."""
+        if self.world_size == 1:
+            return inp, DONE
+        out = torch.empty(inp.shape[0] // self.world_size, *inp.shape[1:], dtype=inp.dtype, device=inp.device)
+        return out, self.reduce_scatter(out, inp)
+
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor):
         """Async: `out` (dim 0 = N × inp's) receives every rank's `inp`, in rank order."""
         n = self.world_size
@@ -133,16 +195,11 @@ class Comm:
         return dist.all_reduce(t, op=op, group=self.group, async_op=True)
 
 
-def chunk_rows(n_rows: int, world_size: int) -> int:
-    """Rows (or matrices) per rank when `n_rows` are split evenly after zero padding:
-    ceil(n/N). Rank r owns [r·c, min((r+1)·c, n)), possibly empty: the same split as
-    torch.chunk and DTensor's Shard(0), which the checkpoint code relies on."""
-    return max(1, math.ceil(n_rows / world_size))
-
-
-def owned_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    c = chunk_rows(n_rows, world_size)
-    return min(rank * c, n_rows), min((rank + 1) * c, n_rows)
+def named_params(group: dict) -> list[tuple[str, torch.Tensor]]:
+    """(name, param) pairs of an optimizer group; unnamed params are named by position."""
+    names = group.get("param_names") or [
+        f"param[{i}] {tuple(p.shape)}" for i, p in enumerate(group["params"])]
+    return list(zip(names, group["params"]))
 
 
 def param_signature(param_groups: list[dict]) -> str:
@@ -188,7 +245,7 @@ def check_same_on_all_ranks(comm: Comm, signature: str, local_error: str | None,
                          + signature[:2000])
 
 
-def sync_grad_flags(comm: Comm, param_groups: list[dict], check_finite: bool) -> list[str]:
+def grad_flags(comm: Comm, param_groups: list[dict], check_finite: bool) -> list[str]:
     """One all_reduce(MAX) over per-parameter flags [non-finite, present, absent].
 
     Raises on every rank if some parameter has a gradient on some ranks but not on others
@@ -217,20 +274,40 @@ def sync_grad_flags(comm: Comm, param_groups: list[dict], check_finite: bool) ->
     return [n for (n, _), b in zip(named, bad) if b]
 
 
-def init_collectively(opt, init, name: str, extra_signature: str = "") -> None:
-    """Run a distributed optimizer's base __init__ (`init`), then compare parameter lists
-    and devices across ranks. A local construction error (say a 1-D parameter in Muon) is
-    shared through the same check first, so every rank raises and none waits in it."""
-    error = None
-    try:
-        init()
-    except ValueError as e:  # raise it only after telling the other ranks
-        error = e
-    signature = "" if error else extra_signature + param_signature(opt.param_groups)
-    local = str(error) if error else local_device_error(opt.param_groups)
-    try:
-        check_same_on_all_ranks(opt.comm, signature, local, name)
-    except ValueError:
-        if error:
-            raise error from None
-        raise
+# -----------------------------------------------------------------------------
+# gradient clipping on the synchronised gradient
+
+@torch.no_grad()
+def clip_grad_norm_synchronized_(params, max_norm: float, group=None) -> torch.Tensor:
+    """Average the gradients over the ranks of `group` in place, then scale them so that the global norm of
+    that average is at most max_norm. Returns the norm before clipping (fp32 scalar).
+
+    Why average first: DistMuon / DistAdamW average gradients inside their step, so clipping must act on
+    the mean gradient g = (1/N) sum_r g_r. Its norm is not recoverable from per-rank norms (sum_r |g_r|^2
+    is the mean of squares, not |g|^2), and clipping each g_r by its own norm gives a different direction.
+    After the all_reduce every rank holds g exactly, so the optimizer's own reduce-scatter averages N
+    identical copies: its result is g again (exactly for N = 2; for larger N the sum of N copies may round,
+    leaving g within an ulp or so), at the price of one extra all-reduce of the gradients, which is why
+    clipping is off by default.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if is_initialized() and dist.get_world_size(group) > 1:
+        # one flat buffer per dtype: a single collective instead of one per parameter
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for same in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
+            offset = 0
+            for g in same:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+    # sqrt of a sum of squares in fp32: torch's CPU vector_norm loses accuracy on large tensors
+    total = torch.stack([g.float().square().sum() for g in grads]).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return total

@@ -24,11 +24,9 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_impl.optim import hybrid
 
 SOFTCAP = 15.0
 ROTARY_BASE = 10000
@@ -251,21 +249,6 @@ class GPT(nn.Module):
         nparams_embedding = self.transformer.wte.weight.numel()
         return float(6 * (self.num_params() - nparams_embedding)
                      + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len)
-
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                         weight_decay=0.0, distributed=None, **muon_kwargs):
-        """nanochat's optimizer: Muon for the 2-D block matrices, AdamW (betas (0.8, 0.95), eps 1e-10) for the
-        embedding, lm_head and any scalars, the AdamW lrs scaled by (n_embd/768)^-0.5 so a wider model takes
-        proportionally smaller steps. weight_decay is Muon's (decoupled, on the block matrices), as in current
-        nanochat; the embedding and lm_head are not decayed. muon_kwargs go to Muon (orthogonalizer, ns_dtype,
-        normuon_beta2, cautious_weight_decay, ...). distributed=None means "a process group is initialized and
-        has more than one rank", which selects the ZeRO-2 sharded DistMuon + DistAdamW."""
-        if distributed is None:
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return hybrid(self.named_parameters(), matrix_lr=matrix_lr, embedding_lr=embedding_lr,
-                      unembedding_lr=unembedding_lr, scalar_lr=scalar_lr, adam_betas=(0.8, 0.95), adam_eps=1e-10,
-                      adam_weight_decay=0.0, model_dim=self.config.n_embd, distributed=distributed,
-                      weight_decay=weight_decay, **muon_kwargs)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """

@@ -8,7 +8,9 @@ API (collective: every rank calls it; also works without a process group):
     consolidated_state(opt)        {key: full tensor} on rank 0 ({} on the others)
 
 `opt` is a HybridOptimizer (torch_impl.optim) or a single Muon / AdamW / DistMuon /
-DistAdamW. Model parameters are not included: checkpoint them separately.
+DistAdamW. Model parameters are not included: checkpoint them separately. The code never
+asks what class an optimizer is: it asks each part where a parameter's state lives
+(`placement(p)`, torch_impl/placement.py) at the part's world size.
 
 Format: a torch.distributed.checkpoint (DCP) directory
 (https://pytorch.org/docs/stable/distributed.checkpoint.html) holding the *logical*,
@@ -20,10 +22,10 @@ unsharded state, one entry per (optimizer part, group, parameter, state key):
 (names come from the group's `param_names`, as `hybrid()` sets them), plus `meta.json`:
 world size at save time, per group the parameter names and shapes (checked on load) and
 the scheduled hyperparameters (lr, initial_lr, momentum, weight_decay: restored on load).
-Each rank writes what it holds: DistMuon's owner writes a matrix's whole state; DistAdamW's
-row shards are written as DTensor shards (Shard(0), the same uneven split as the optimizer
-uses), so DCP records every rank's chunk; replicated state (plain optimizers, DistAdamW's
-small parameters, AdamW step counts) is written by rank 0 only. On load every rank asks
+Each rank writes what it holds: an Owned parameter's owner writes its whole state; Rows
+shards are written as DTensor shards (Shard(0), the same uneven split as the optimizer
+uses), so DCP records every rank's chunk; Replicated state (single-process optimizers,
+AdamW's small parameters, AdamW step counts) is written by rank 0 only. On load every rank asks
 DCP for the entries (or the rows of them) that it owns at the *new* world size, and DCP
 reads the overlapping chunks: that is the resharding N → M.
 
@@ -46,10 +48,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from torch_impl.adamw import AdamW
-from torch_impl.distributed import is_initialized, world
-from torch_impl.finite import named_params
-from torch_impl.muon import Muon
+from torch_impl.distributed import is_initialized, named_params, world
+from torch_impl.placement import Owned, Rows
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -59,37 +59,22 @@ SCHEDULED = ("lr", "initial_lr", "momentum", "weight_decay")
 # -- where each parameter's state lives --------------------------------------------------
 
 def _parts(opt) -> dict[str, torch.optim.Optimizer]:
-    if hasattr(opt, "optimizers"):
-        return dict(opt.optimizers)
-    if isinstance(opt, Muon):
-        return {"muon": opt}
-    if isinstance(opt, AdamW):
-        return {"adamw": opt}
-    raise TypeError(f"expected a HybridOptimizer, Muon or AdamW, got {type(opt).__name__}")
+    """{part name: optimizer}: a HybridOptimizer's parts, or a single optimizer by its kind."""
+    parts = getattr(opt, "optimizers", None)
+    if parts is not None:
+        return dict(parts)
+    if getattr(opt, "kind", None) is None or not hasattr(opt, "placement"):
+        raise TypeError(f"expected a HybridOptimizer, Muon or AdamW (torch_impl.optim), got {type(opt).__name__}")
+    return {opt.kind: opt}
 
 
 def _group(opt):
-    """The process group the checkpoint is collective over (that of the sharded parts)."""
+    """The process group the checkpoint is collective over: that of the sharded parts, else
+    the default group (a single-process optimizer in a multi-rank job is replicated)."""
     for o in _parts(opt).values():
-        if hasattr(o, "comm"):
+        if not o.comm.is_local:
             return o.comm.group
     return None
-
-
-def _placements(optim, rank: int, n: int) -> dict[torch.Tensor, tuple]:
-    """Per parameter: ("owner", r) whole on rank r; ("rows", a, b) rows [a, b) of the
-    row-sliced state on this rank; ("replicated",) whole on every rank."""
-    from torch_impl.dist_adamw import DistAdamW
-    from torch_impl.dist_muon import DistMuon
-    out = {}
-    for group in optim.param_groups:
-        if isinstance(optim, DistMuon) and n > 1:
-            out.update({p: ("owner", r) for p, r in optim.owners(group).items()})
-            continue
-        for p in group["params"]:
-            rows = optim.shard(p) if isinstance(optim, DistAdamW) and n > 1 else None
-            out[p] = ("replicated",) if rows is None else ("rows", *rows)
-    return out
 
 
 def _row_sliced(shape, p: torch.Tensor) -> bool:
@@ -108,19 +93,19 @@ def _local_pieces(opt):
     rank, n = world(_group(opt))
     pieces = []
     for part, optim in _parts(opt).items():
-        place = _placements(optim, rank, n)
         for gi, name, p in _named(optim):
             if p not in optim.state:
                 continue
-            where = place[p]
+            where = optim.placement(p)
             for k, v in optim.state[p].items():
                 if not isinstance(v, torch.Tensor):
                     raise TypeError(f"optimizer state {part}.{gi}.{name}.{k} is a "
                                     f"{type(v).__name__}; only tensors are checkpointed")
                 key = f"{part}.{gi}.{name}.{k}"
-                if where[0] == "rows" and v.ndim == p.ndim and v.shape[1:] == p.shape[1:]:
-                    pieces.append((key, v, tuple(p.shape), where[1]))  # rows [a, b) of the whole
-                elif where[0] == "owner" or rank == 0:
+                if isinstance(where, Rows) and v.ndim == p.ndim and v.shape[1:] == p.shape[1:]:
+                    start, _ = where.local_rows(rank)
+                    pieces.append((key, v, tuple(p.shape), start))  # rows [start, end) of the whole
+                elif isinstance(where, Owned) or rank == 0:
                     pieces.append((key, v, tuple(v.shape), None))
     return pieces
 
@@ -251,25 +236,23 @@ def load_optimizer(opt, path) -> None:
 
     request, install, meshes = {}, [], {}
     for part, optim in _parts(opt).items():
-        place = _placements(optim, rank, n)
         for gi, name, p in _named(optim):
             prefix = f"{part}.{gi}.{name}."
             keys = [k for k in saved if k.startswith(prefix) and "." not in k[len(prefix):]]
-            where = place[p]
+            where = optim.placement(p)
+            rows = where.local_rows(rank)
             for key in keys:
                 md = saved[key]
                 dtype = md.properties.dtype
-                if where[0] == "rows" and _row_sliced(md.size, p):
-                    a, b = where[1], where[2]
-                    if b == a:
-                        continue
+                if rows is not None and rows[1] == rows[0]:
+                    continue  # owns no rows of this parameter: no state at all
+                if rows is not None and _row_sliced(md.size, p):
+                    a, b = rows
                     local = torch.empty((b - a, *md.size[1:]), dtype=dtype, device=p.device)
                     mesh = meshes.get(p.device.type) or meshes.setdefault(p.device.type, _mesh(opt, p.device.type))
                     request[key] = _as_shard(local, tuple(md.size), mesh)
-                elif where[0] == "rows" and where[2] == where[1]:
-                    continue  # owns no rows of this parameter: no state at all
-                elif where[0] == "owner" and where[1] != rank:
-                    continue
+                elif not where.holds(rank):
+                    continue  # another rank owns it
                 else:
                     local = torch.empty(tuple(md.size), dtype=dtype, device=p.device)
                     request[key] = local

@@ -1,10 +1,35 @@
-"""The nanochat hybrid optimizer: Muon for block matrices, AdamW for the rest.
+"""Muon and AdamW at every world size, and the nanochat hybrid of the two.
 
-nanochat (https://github.com/karpathy/nanochat) trains the 2-D weights inside the
-transformer blocks with Muon and everything else with AdamW in three groups (token
-embedding, lm_head, scalars), whose learning rates shrink as (model_dim/768)^-½ with
-width. `HybridOptimizer` steps, zeroes, schedules and checkpoints the pair together.
-With `distributed=True` the pair is DistMuon + DistAdamW (ZeRO-2 sharded).
+One class per optimizer kind serves one process and a sharded process group alike, as in
+nanochat's optimizer (https://github.com/karpathy/nanochat, nanochat/optim.py): with one rank
+(or no process group) the collectives are skipped, not re-implemented. The math lives once,
+in `muon_step` (torch_impl/muon.py) and `adamw_step` (torch_impl/adamw.py); .specs/muon_math.md
+states it for both frameworks. `step()` runs nanochat's phases:
+
+    1. check   one collective over per-parameter flags (gradient non-finite / present); the
+               non-finite policy (torch_impl/nonfinite.py) raises or skips on every rank
+    2. reduce  launch every gradient reduction before any compute: a reduce_scatter(AVG) per
+               padded Muon stack or AdamW row-sharded parameter, one all_reduce(AVG) of the
+               small AdamW gradients
+    3. update  per stack / parameter: wait for its gradients, run the math on what this rank
+               holds, launch the all_gather of the new values
+    4. gather  wait for the gathers and copy the new values into every rank's parameters
+
+Where each parameter's work and state live is `placement(p)` (torch_impl/placement.py),
+computed once at construction from the full parameter list: Muon gives each matrix of a
+same-shape stack one owner rank (ZeRO-1/2 style: state on the owner only); AdamW splits large
+parameters by rows (ZeRO-2) and replicates small ones. At one rank everything is Replicated.
+
+Communication per step at N ranks: reduce_scatter + all_gather send 2·(N−1)/N of the stacks'
+bytes per rank, the same as one all_reduce of the gradients, while Newton-Schulz work per rank
+drops from K to ceil(K/N) matrices of a K-matrix stack. Gradients travel in fp32 (the math is
+fp32; bf16 gradients are averaged exactly), parameters in their dtype.
+
+Failures are collective, so every rank raises together instead of hanging: different
+parameter lists across ranks or a construction error on one rank (one small all_gather at
+construction), a gradient present on some ranks only, and non-finite gradients (the check of
+phase 1). Anything else (a crashed rank) is bounded by the process group's finite timeout
+(torch_impl/distributed.py). `DistMuon` / `DistAdamW` are Muon / AdamW over the default group.
 """
 
 from __future__ import annotations
@@ -12,10 +37,395 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 
-from torch_impl.adamw import AdamW
-from torch_impl.finite import gradients_ok
-from torch_impl.muon import Muon
+from torch_impl.adamw import adamw_step
+from torch_impl.distributed import (Comm, check_same_on_all_ranks, grad_flags, is_initialized,
+                                    local_device_error, named_params, param_signature)
+from torch_impl.muon import (SHAPE_SCALES, MuonHyper, as_matrix_shape, muon_step,
+                             normuon_state_shape, resolve_orthogonalizer)
+from torch_impl.nonfinite import check_policy, gradients_ok
+from torch_impl.placement import (Placement, Rows, chunk_rows, owner_placements, row_placements,
+                                  same_shape_stacks)
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """What Muon and AdamW share: the process group, the collective construction check, the
+    placements, the phase-1 check and `step()`. Subclasses implement `check_params`,
+    `place` and `apply_update` (phases 2-4).
+
+    process_group: None runs on this process alone (no collective, whatever group exists);
+    a group shards the work and state over its ranks. track_stats: count bytes per
+    collective and the work done on this rank in `self.stats` (a distributed.CommStats)."""
+
+    kind: str  # the part name in checkpoints and HybridOptimizer: "muon" or "adamw"
+
+    def __init__(self, params, defaults: dict, *, nonfinite: str, process_group, track_stats: bool,
+                 check_hyper=lambda: None, signature_extra: str = ""):
+        params = list(params)
+        self.comm = Comm.local(track_stats) if process_group is None else Comm(process_group, track_stats)
+        error = None
+        try:  # a local error is raised only after telling the other ranks (they would hang)
+            check_hyper()
+            super().__init__(params, defaults)
+            self.nonfinite = check_policy(nonfinite)
+            self.check_params()
+        except ValueError as e:
+            error = e
+        local = str(error) if error else (local_device_error(self.param_groups) if self.comm.world_size > 1
+                                          else None)
+        signature = "" if error else signature_extra + param_signature(self.param_groups)
+        try:
+            check_same_on_all_ranks(self.comm, signature, local, type(self).__name__)
+        except ValueError:
+            if error:
+                raise error from None
+            raise
+        self.placements: dict[torch.Tensor, Placement] = self.place()
+
+    @property
+    def stats(self):
+        return self.comm.stats
+
+    def placement(self, p: torch.Tensor) -> Placement:
+        """Where `p`'s work and state live at this optimizer's world size."""
+        return self.placements[p]
+
+    def check_params(self) -> None:
+        """Raise ValueError for a parameter this optimizer cannot take."""
+
+    def place(self) -> dict[torch.Tensor, Placement]:
+        raise NotImplementedError
+
+    def apply_update(self, grads_synced: bool = False) -> None:
+        """Phases 2-4. `grads_synced`: phase 1 already ran on these gradients; otherwise
+        (a direct `step(check_finite=False)`) gradient presence is still checked
+        collectively, so a rank with a missing gradient raises everywhere instead of hanging."""
+        raise NotImplementedError
+
+    def bad_gradients(self, param_groups: list[dict]) -> list[str]:
+        """Phase 1: names of parameters in `param_groups` whose gradient is non-finite on any
+        rank (one all_reduce; raises on every rank if a gradient is present on some only)."""
+        return grad_flags(self.comm, param_groups, check_finite=True)
+
+    def check_presence(self, grads_synced: bool) -> None:
+        if not grads_synced and self.comm.world_size > 1:
+            grad_flags(self.comm, self.param_groups, check_finite=False)
+
+    @torch.no_grad()
+    def step(self, closure=None, check_finite: bool = True):
+        """`check_finite=False` when the caller already ran `bad_gradients` on these groups.
+        Returns the closure's loss (None without one); a skipped step changes nothing."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if check_finite and not gradients_ok(self.nonfinite, self.bad_gradients(self.param_groups)):
+            return loss
+        if self.stats is not None:
+            self.stats.steps += 1
+        self.apply_update(grads_synced=check_finite)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        keep_saved_state_dtypes(self, state_dict)
+
+
+def keep_saved_state_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """After torch.optim.Optimizer.load_state_dict: that casts floating state to the
+    parameter's dtype (fp32 momentum of bf16 parameters would become bf16) and keeps the
+    caller's `step` tensors (updated in place later, so two optimizers loaded from one dict
+    would share them). Install copies with the saved dtypes instead."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    by_id = dict(zip(saved_ids, params))
+    for pid, saved in state_dict["state"].items():
+        p = by_id[pid]
+        for k, v in saved.items():
+            if isinstance(v, torch.Tensor):
+                opt.state[p][k] = v.clone() if k == "step" else v.to(device=p.device, copy=True)
+
+
+class Muon(ShardedOptimizer):
+    """Muon (.specs/muon_math.md; math in muon.muon_step).
+
+    Parameters of one group with the same (matrix) shape, dtype and device form a stack, so
+    one batched orthogonalizer call serves them all; at N ranks matrix i of a K-matrix stack
+    is owned by rank i // ceil(K/N). Work happens in fp32 copies; bf16 parameters are rounded
+    once when written back. Gradients are never modified. Accepts `model.named_parameters()`
+    groups with "param_names" so error messages name parameters. `nonfinite="raise"`
+    (default) raises before anything is written when a gradient has NaN/inf; `"skip"` skips
+    the whole step (state untouched). `orthogonalizer`: a name of muon.ORTHOGONALIZERS or a
+    callable f(X, *, steps, eps, compute_dtype)."""
+
+    kind = "muon"
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5,
+                 orthogonalizer="newton_schulz", weight_decay=0.0, cautious_weight_decay=False,
+                 normuon_beta2=None, shape_scale="max_ratio", ns_dtype=torch.bfloat16,
+                 nonfinite="raise", process_group=None, track_stats=False):
+        def check_hyper():
+            if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
+                raise ValueError(f"need lr ≥ 0, weight_decay ≥ 0, 0 ≤ momentum < 1; got "
+                                 f"lr={lr}, weight_decay={weight_decay}, momentum={momentum}")
+            if normuon_beta2 is not None and not 0 <= normuon_beta2 < 1:
+                raise ValueError(f"normuon_beta2 must be in [0, 1) or None, got {normuon_beta2}")
+            if shape_scale not in SHAPE_SCALES:
+                raise ValueError(f"unknown shape_scale {shape_scale!r}; valid: {', '.join(SHAPE_SCALES)}")
+            resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # validate early
+
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        orthogonalizer=orthogonalizer, weight_decay=weight_decay,
+                        cautious_weight_decay=cautious_weight_decay, normuon_beta2=normuon_beta2,
+                        shape_scale=shape_scale, ns_dtype=ns_dtype)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group,
+                         track_stats=track_stats, check_hyper=check_hyper)
+
+    def check_params(self) -> None:
+        for group in self.param_groups:
+            for name, p in named_params(group):
+                try:
+                    as_matrix_shape(p.shape)
+                except ValueError as e:
+                    raise ValueError(f"parameter {name}: {e}") from None
+
+    def place(self) -> dict[torch.Tensor, Placement]:
+        # (group index, stack): load_state_dict replaces the group dicts, so never keep them
+        self.stacks = [(gi, stack) for gi, group in enumerate(self.param_groups)
+                       for stack in same_shape_stacks(group["params"])]
+        return owner_placements([stack for _, stack in self.stacks], self.comm.world_size)
+
+    @staticmethod
+    def hyper(group: dict) -> MuonHyper:
+        return MuonHyper(
+            lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            cautious_weight_decay=group["cautious_weight_decay"],
+            normuon_beta2=group["normuon_beta2"], shape_scale=group["shape_scale"],
+            orthogonalize=resolve_orthogonalizer(group["orthogonalizer"], group["ns_steps"],
+                                                 group["ns_dtype"]))
+
+    def matrix_state(self, p: torch.Tensor, normuon: bool) -> dict:
+        """Per-parameter fp32 state, created lazily (momentum, and NorMuon's second moment)."""
+        state = self.state[p]
+        rows, cols = as_matrix_shape(p.shape)
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(rows, cols, dtype=torch.float32, device=p.device)
+        if normuon and "second_moment" not in state:
+            state["second_moment"] = torch.zeros(normuon_state_shape(rows, cols),
+                                                 dtype=torch.float32, device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step_stack(self, params: list[torch.Tensor], grads: torch.Tensor, hp: MuonHyper) -> None:
+        """Run `muon_step` on `params` (same shape) given their stacked fp32 (K, rows, cols)
+        gradients, reading and writing their per-parameter state."""
+        rows, cols = grads.shape[-2:]
+        normuon = hp.normuon_beta2 is not None
+        states = [self.matrix_state(p, normuon) for p in params]
+        P = torch.stack([p.detach().reshape(rows, cols) for p in params]).float()
+        M = torch.stack([s["momentum_buffer"] for s in states])
+        V = torch.stack([s["second_moment"] for s in states]) if normuon else None
+        muon_step(P, grads, M, V, hp)
+        for i, (p, s) in enumerate(zip(params, states)):
+            p.copy_(P[i].view_as(p))
+            s["momentum_buffer"].copy_(M[i])
+            if normuon:
+                s["second_moment"].copy_(V[i])
+
+    @torch.no_grad()
+    def apply_update(self, grads_synced: bool = False) -> None:
+        self.check_presence(grads_synced)
+        comm, n, rank = self.comm, self.comm.world_size, self.comm.rank
+
+        # 2. reduce: each stack's fp32 gradients, zero-padded to c·N matrices; rank r receives
+        #    the averaged gradients of matrices [r·c, (r+1)·c), the ones it owns
+        pending = []
+        for gi, stack in self.stacks:
+            if all(p.grad is None for p in stack):  # presence is identical on all ranks
+                continue
+            rows, cols = as_matrix_shape(stack[0].shape)
+            c = chunk_rows(len(stack), n)
+            send = torch.zeros(c * n, rows, cols, dtype=torch.float32, device=stack[0].device)
+            for i, p in enumerate(stack):
+                if p.grad is not None:
+                    send[i].copy_(p.grad.reshape(rows, cols))
+            recv, work = comm.reduce_scatter_chunks(send)  # N = 1: `send` itself, no collective
+            pending.append((self.hyper(self.param_groups[gi]), stack, c, send, recv, work))
+
+        # 3. update: per stack, wait for its gradients, step the matrices this rank holds (a
+        #    contiguous run starting at matrix rank·c, so recv[j] is owned[j]), launch the gather
+        gathers = []
+        for hp, stack, c, send, recv, work in pending:
+            work.wait()
+            owned = [p for p in stack if self.placement(p).holds(rank)]
+            active = [j for j, p in enumerate(owned) if p.grad is not None]
+            if active:
+                grads = recv[:len(owned)] if len(active) == len(owned) else recv[active]
+                self.step_stack([owned[j] for j in active], grads, hp)
+                if self.stats is not None:
+                    self.stats.matrices += len(active)
+            if n > 1:
+                rows, cols = recv.shape[-2:]
+                mine = torch.zeros(c, rows, cols, dtype=stack[0].dtype, device=recv.device)
+                for j, p in enumerate(owned):
+                    mine[j].copy_(p.reshape(rows, cols))
+                out = torch.empty(c * n, rows, cols, dtype=mine.dtype, device=mine.device)
+                # `mine` stays referenced until the wait: a buffer handed back to the caching
+                # allocator before the collective completes can be overwritten mid-send
+                gathers.append((stack, mine, out, comm.all_gather(out, mine)))
+
+        # 4. gather: every rank takes the owners' new parameters
+        for stack, _mine, out, work in gathers:
+            work.wait()
+            for i, p in enumerate(stack):
+                p.copy_(out[i].view_as(p))
+
+
+class AdamW(ShardedOptimizer):
+    """AdamW (.specs/muon_math.md; math in adamw.adamw_step): the same arguments and results as
+    torch.optim.AdamW (non-amsgrad), plus fp32 math for bf16 parameters, the `nonfinite`
+    policy, and ZeRO-2 over `process_group`: parameters of ≥ `shard_min_numel` elements are
+    split by rows (gradients reduce_scattered, moments ≈ 1/N per rank, rows all_gathered),
+    smaller ones are all_reduced in one flat buffer and updated whole on every rank."""
+
+    kind = "adamw"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                 nonfinite="raise", process_group=None, track_stats=False, shard_min_numel: int = 1024):
+        def check_hyper():
+            if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+                raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, "
+                                 f"eps={eps}, weight_decay={weight_decay}")
+
+        self.shard_min_numel = shard_min_numel
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         nonfinite=nonfinite, process_group=process_group, track_stats=track_stats,
+                         check_hyper=check_hyper, signature_extra=f"shard_min_numel={shard_min_numel}\n")
+
+    def place(self) -> dict[torch.Tensor, Placement]:
+        params = [p for g in self.param_groups for p in g["params"]]
+        return row_placements(params, self.comm.world_size, self.shard_min_numel)
+
+    def param_state(self, p: torch.Tensor, like: torch.Tensor) -> dict:
+        """fp32 moments shaped like `like` (the whole parameter, or this rank's rows)."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(like, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(like, dtype=torch.float32)
+        return state
+
+    @staticmethod
+    def hyper(group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"])
+
+    @torch.no_grad()
+    def update(self, keys: list[torch.Tensor], params: list[torch.Tensor],
+               grads: list[torch.Tensor], group: dict) -> None:
+        """`adamw_step` on tensors `params` (whole params or row slices) whose state is keyed
+        by `keys`. Non-fp32 tensors are updated through fp32 copies."""
+        states = [self.param_state(k, p) for k, p in zip(keys, params)]
+        for s in states:
+            s["step"] += 1
+        work = [p if p.dtype == torch.float32 else p.float() for p in params]
+        adamw_step(work, [g.float() for g in grads], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [int(s["step"]) for s in states],
+                   **self.hyper(group))
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
+
+    @torch.no_grad()
+    def apply_update(self, grads_synced: bool = False) -> None:
+        self.check_presence(grads_synced)
+        comm, n, rank = self.comm, self.comm.world_size, self.comm.rank
+
+        # 2. reduce: row-sharded parameters' fp32 gradients, zero-padded to c·N rows, each
+        #    reduce_scattered; the replicated ones' gradients in one flat all_reduce (N > 1 only)
+        sharded, small = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:  # presence is identical on all ranks
+                    continue
+                place = self.placement(p)
+                if not isinstance(place, Rows):
+                    small.append((group, p))
+                    continue
+                send = torch.zeros(place.chunk * n, *p.shape[1:], dtype=torch.float32, device=p.device)
+                send[:p.shape[0]].copy_(p.grad)
+                recv, work = comm.reduce_scatter_chunks(send)
+                sharded.append((group, p, place, send, recv, work))
+        small_grads = [p.grad for _, p in small]
+        if small and n > 1:
+            flat = torch.cat([p.grad.reshape(-1).float() for _, p in small])
+            small_work = comm.all_reduce(flat)
+            small_grads = [g.view_as(p) for g, (_, p) in zip(flat.split([p.numel() for _, p in small]), small)]
+
+        # 3. update: per sharded parameter, wait, update this rank's rows, launch the gather
+        gathers = []
+        for group, p, place, _send, recv, work in sharded:
+            work.wait()
+            start, end = place.local_rows(rank)
+            if end > start:
+                self.update([p], [p[start:end]], [recv[:end - start]], group)
+                if self.stats is not None:
+                    self.stats.elements += p[start:end].numel()
+            mine = torch.zeros(place.chunk, *p.shape[1:], dtype=p.dtype, device=p.device)
+            mine[:end - start].copy_(p[start:end])
+            out = torch.empty(place.chunk * n, *p.shape[1:], dtype=p.dtype, device=p.device)
+            gathers.append((p, mine, out, comm.all_gather(out, mine)))  # `mine` kept alive to the wait
+
+        #    the replicated parameters: averaged gradients, updated whole on every rank
+        if small:
+            if n > 1:
+                small_work.wait()
+            for group in self.param_groups:
+                mine = [(p, g) for (grp, p), g in zip(small, small_grads) if grp is group]
+                if mine:
+                    ps = [p for p, _ in mine]
+                    self.update(ps, ps, [g for _, g in mine], group)
+                    if self.stats is not None:
+                        self.stats.elements += sum(p.numel() for p in ps)
+
+        # 4. gather: every rank takes the owners' rows
+        for p, _mine, out, work in gathers:
+            work.wait()
+            p.copy_(out[:p.shape[0]])
+
+
+def default_group(process_group):
+    """The group a Dist optimizer shards over: the given one, else the default group if one
+    is initialized, else None (this process alone)."""
+    if process_group is not None:
+        return process_group
+    return dist.group.WORLD if is_initialized() else None
+
+
+class DistMuon(Muon):
+    """Muon over a process group: `process_group=None` means the default group (if one is
+    initialized; otherwise this process alone). Otherwise Muon's arguments."""
+
+    def __init__(self, params, *args, process_group=None, **kwargs):
+        super().__init__(params, *args, process_group=default_group(process_group), **kwargs)
+
+
+class DistAdamW(AdamW):
+    """AdamW (ZeRO-2) over a process group: `process_group=None` means the default group (if
+    one is initialized; otherwise this process alone). Otherwise AdamW's arguments."""
+
+    def __init__(self, params, *args, process_group=None, **kwargs):
+        super().__init__(params, *args, process_group=default_group(process_group), **kwargs)
+
+
+# -- the hybrid: nanochat's split ------------------------------------------------------------
+# nanochat trains the 2-D weights inside the transformer blocks with Muon and everything else
+# with AdamW in three groups (token embedding, lm_head, scalars) whose learning rates shrink as
+# (model_dim/768)^-½ with width. `hybrid()` is the one place this split is written; the training
+# entry point uses it for the AdamW-only baseline too.
 
 GROUPS = ("muon", "embedding", "unembedding", "scalar")
 
@@ -32,7 +442,7 @@ def label_param(name: str, shape) -> str:
 
 
 class HybridOptimizer:
-    """Muon + AdamW that act as one optimizer.
+    """Muon + AdamW that act as one optimizer (.specs/muon_math.md, the hybrid split).
 
     Every group remembers its `initial_lr`; `set_lr_multiplier(m)` sets lr = m·initial_lr
     everywhere (the schedule), `set_muon_momentum` drives nanochat's momentum warmup.
@@ -52,10 +462,10 @@ class HybridOptimizer:
         return [g for o in self.optimizers.values() for g in o.param_groups]
 
     def gradients_ok(self) -> bool:
-        # Both parts are of one kind (local, or distributed with a global check that also
-        # verifies gradient presence): either part's check covers all groups in one pass.
+        # Both parts talk to the same group: either part's check covers all groups in one
+        # collective.
         first = next(iter(self.optimizers.values()))
-        return gradients_ok(self.nonfinite, first.nonfinite_names(self.param_groups))
+        return gradients_ok(self.nonfinite, first.bad_gradients(self.param_groups))
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -63,6 +473,8 @@ class HybridOptimizer:
         if not self.gradients_ok():
             return False
         for opt in self.optimizers.values():
+            if opt.stats is not None:
+                opt.stats.steps += 1
             opt.apply_update(grads_synced=True)
         return True
 
@@ -101,12 +513,19 @@ def hybrid(
     model_dim: int | None = None,
     distributed: bool = False,
     nonfinite: str = "raise",
+    matrix_optimizer: str = "muon",
+    adamw_matrix_lr: float = 0.003,
     **muon_kwargs,
 ) -> HybridOptimizer:
     """Split parameters the nanochat way and build the optimizer pair.
 
     The three AdamW groups' learning rates are multiplied by (model_dim/768)^-½ when
-    `model_dim` is given; `muon_kwargs` go to Muon (momentum, weight_decay, ...)."""
+    `model_dim` is given; `muon_kwargs` go to Muon (momentum, weight_decay, ...).
+    `matrix_optimizer="adamw"` is the AdamW-only baseline: the block matrices form a fourth
+    AdamW group (first, label "matrix") with lr `adamw_matrix_lr` (not width-scaled) and
+    Muon's `weight_decay`; the other groups are the same as in the hybrid."""
+    if matrix_optimizer not in ("muon", "adamw"):
+        raise ValueError(f"matrix_optimizer must be 'muon' or 'adamw', got {matrix_optimizer!r}")
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {k: [] for k in GROUPS}
     for name, p in named_params:
         if p.requires_grad:
@@ -118,11 +537,16 @@ def hybrid(
              lr=lr * width, label=k)
         for k, lr in adam_lrs.items() if groups[k]
     ]
-    if distributed:
-        from torch_impl.dist_adamw import DistAdamW as AdamCls
-        from torch_impl.dist_muon import DistMuon as MuonCls
-    else:
-        AdamCls, MuonCls = AdamW, Muon
+    if matrix_optimizer == "adamw":
+        matrices = groups.pop("muon")
+        groups["muon"] = []
+        if matrices:
+            adam_groups.insert(0, dict(params=[p for _, p in matrices], param_names=[n for n, _ in matrices],
+                                       lr=adamw_matrix_lr, label="matrix",
+                                       weight_decay=muon_kwargs.get("weight_decay", 0.0)))
+        for g in adam_groups[1 if matrices else 0:]:
+            g["weight_decay"] = adam_weight_decay
+    AdamCls, MuonCls = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
     muon = MuonCls(groups["muon"], lr=matrix_lr, nonfinite=nonfinite, **muon_kwargs) if groups["muon"] else None
     adamw = AdamCls(adam_groups, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay,
                     nonfinite=nonfinite) if adam_groups else None

@@ -11,12 +11,12 @@ document was, so the model sees a prompt the way it saw the start of a document.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import torch
 
 from torch_impl.checkpoint import CheckpointError, load_model
+from torch_impl.device import autocast
 
 
 class StreamDecoder:
@@ -42,19 +42,12 @@ class StreamDecoder:
         return new
 
 
-def autocast_for(device: torch.device):
-    # bf16 on CUDA like training; CPU stays fp32 (bf16 matmuls are emulated and slow on CPUs without AVX512-BF16)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def generate_text(model, tokenizer, prompt: str, max_tokens: int, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int | None = 0, stream=None) -> str:
     """The generated continuation (without the prompt); with `stream`, also written there as it comes."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
     decoder = StreamDecoder(tokenizer)
-    with autocast_for(model.get_device()):
+    with autocast(model.get_device()):
         for token in model.generate(ids, max_tokens, temperature=temperature, top_k=top_k, seed=seed):
             piece = decoder.push(token)
             if stream is not None and piece:

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from tests.dist.common import U, clone_params, close, exact_randn, make_params, step_identical
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.adamw import AdamW
-from torch_impl.dist_adamw import DistAdamW
+from torch_impl.optim import AdamW
+from torch_impl.optim import DistAdamW
 
 F32, BF16 = torch.float32, torch.bfloat16
 MIN_NUMEL = 1024
@@ -30,7 +30,7 @@ SHAPES = [(2, 600), (5, 300), (1500,), (64, 32), (7,), (), (3, 4)]
 def check_bitwise(params, ref, opt, ref_opt, what=""):
     ok = all(torch.equal(p, q) for p, q in zip(params, ref))
     for p, q in zip(params, ref):
-        rows = opt.shard(p)
+        rows = opt.placement(p).local_rows(rank())
         if q not in ref_opt.state:
             ok &= p not in opt.state
         elif rows is None:  # replicated: whole state on every rank
@@ -133,7 +133,7 @@ def case_different_data(steps):
     tol = adam_tolerance(n, steps, DIFF_KW["lr"])
     results = [close(p, q, tol) for p, q in zip(params, ref)]
     for p, q in zip(params, ref):  # exp_avg = lerp of mean gradients: rounding only
-        rows = opt.shard(p)
+        rows = opt.placement(p).local_rows(rank())
         if p in opt.state:
             want = ref_opt.state[q]["exp_avg"] if rows is None else ref_opt.state[q]["exp_avg"][rows[0]:rows[1]]
             results.append(close(opt.state[p]["exp_avg"], want, 4 * (n + 1) * U * 2 * steps))
@@ -194,7 +194,7 @@ def test_no_process_group_is_adamw():
     params = make_params(specs)
     ref = clone_params(params)
     opt, ref_opt = DistAdamW(params, shard_min_numel=MIN_NUMEL), AdamW(ref)
-    assert opt.comm.world_size == 1 and opt.shard(params[0]) is None
+    assert opt.comm.world_size == 1 and opt.placement(params[0]).local_rows(0) is None
     step_identical(params, ref, opt, ref_opt, steps=3)
     assert all(torch.equal(p, q) for p, q in zip(params, ref))
 

@@ -10,9 +10,9 @@ import torch
 
 from tests.dist.common import exact_randn
 from tests.dist.harness import all_ranks_agree, rank
-from torch_impl.dist_adamw import DistAdamW
-from torch_impl.dist_muon import DistMuon
-from torch_impl.finite import NonFiniteGradientError
+from torch_impl.optim import DistAdamW
+from torch_impl.optim import DistMuon
+from torch_impl.nonfinite import NonFiniteGradientError
 from torch_impl.optim import hybrid
 
 

@@ -211,3 +211,60 @@ def test_save_is_atomic_and_replaces(tmp_path):
     other = hybrid({"transformer.h.0.x.weight": torch.nn.Parameter(torch.zeros(4, 4))}.items(), **KW)
     with pytest.raises(ValueError, match="parts|parameters differ"):
         load_optimizer(other, tmp_path / "opt")
+
+
+# -- replicas stay identical --------------------------------------------------------------
+# A torn or stale all_gather (an input buffer reused or freed before the collective read it,
+# a rank that keeps its old values) leaves ranks with different weights without any error;
+# nanochat's distributed optimizer had such a report. After every step of a run with
+# different gradients per rank, a checksum of every parameter's bits must be equal on all
+# ranks, while tensors are allocated, filled with NaN and freed between each collective's
+# launch and its wait (allocator churn: a buffer freed too early gets reused by them).
+
+class ChurnBeforeWait:
+    def __init__(self, work, sizes):
+        self.work, self.sizes = work, sizes
+
+    def wait(self):
+        junk = [torch.full((n,), float("nan")) for n in self.sizes for _ in range(2)]
+        del junk
+        return self.work.wait()
+
+
+def churn_between_launch_and_wait(comm) -> None:
+    for name in ("reduce_scatter", "all_gather", "all_reduce"):
+        launch = getattr(comm, name)
+
+        def launched(*tensors, _launch=launch, **kw):
+            return ChurnBeforeWait(_launch(*tensors, **kw), [t.numel() for t in tensors])
+        setattr(comm, name, launched)
+
+
+def bits_checksum(params) -> torch.Tensor:
+    """Position-weighted sum of the raw bits of every element (int64, wraps): any changed
+    element or permutation changes it."""
+    ints = {2: torch.int16, 4: torch.int32}
+    bits = torch.cat([p.detach().reshape(-1).view(ints[p.element_size()]).long() for p in params])
+    weights = torch.arange(bits.numel(), dtype=torch.int64) % 65521 + 1
+    return (bits * weights).sum().reshape(1)
+
+
+def case_replicas_identical_under_churn(steps):
+    n, r = world_size(), rank()
+    model = ckpt_model()
+    opt = hybrid(model.items(), distributed=True, **KW)
+    for part in opt.optimizers.values():
+        churn_between_launch_and_wait(part.comm)
+    for t in range(steps):
+        for i, p in enumerate(model.values()):
+            p.grad = exact_randn(p.shape, 17, t, i, r, dtype=p.dtype)  # different data per rank
+        assert opt.step()
+        opt.zero_grad()
+        sums = torch.empty(n, dtype=torch.int64)
+        torch.distributed.all_gather_into_tensor(sums, bits_checksum(model.values()))
+        all_ranks_agree(len(set(sums.tolist())) == 1, f"step {t}: parameters differ across ranks: {sums.tolist()}")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_replicas_bit_identical_after_every_step_under_allocator_churn(rank_groups, n):
+    rank_groups(n).run(case_replicas_identical_under_churn, 4)

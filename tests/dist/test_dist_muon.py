@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from tests.dist.common import (U, clone_params, close, exact_randn, make_params,
                                mean_grad_param_tolerance, step_identical)
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.dist_muon import DistMuon
-from torch_impl.muon import Muon
+from torch_impl.optim import DistMuon
+from torch_impl.optim import Muon
 
 WORLD_SIZES = [1, 2, 3, 4]
 F32, BF16 = torch.float32, torch.bfloat16
@@ -40,9 +40,8 @@ def run_pair(specs, kwargs, steps, grad_key):
 def check_bitwise(params, ref, opt, ref_opt, what=""):
     ok = all(torch.equal(p, q) for p, q in zip(params, ref))
     # state exists only on the owner, and there it equals Muon's
-    owners = opt.owners(opt.param_groups[0])
     for p, q in zip(params, ref):
-        if owners[p] == rank() and q in ref_opt.state:
+        if opt.placement(p).holds(rank()) and q in ref_opt.state:
             ok &= all(torch.equal(opt.state[p][k], ref_opt.state[q][k]) for k in ref_opt.state[q])
         else:
             ok &= p not in opt.state
@@ -151,12 +150,11 @@ def case_different_data(steps):
         opt.step()
         ref_opt.step()
     ok, errs = True, []
-    owners = opt.owners(opt.param_groups[0])
     for p, q in zip(params, ref):
         good, err = close(p, q, mean_grad_param_tolerance(p.shape, n, steps, DIFF_KW["lr"], normuon=True))
         ok &= good
         errs.append(err)
-        if owners[p] == r:  # momentum: (1-μ)-weighted mean gradients, rounding only
+        if opt.placement(p).holds(r):  # momentum: (1-μ)-weighted mean gradients, rounding only
             good, err = close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
                               4 * (n + 1) * U * 5 * steps)
             ok &= good

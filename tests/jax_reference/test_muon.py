@@ -1,4 +1,8 @@
-"""jax_reference.muon (and the optim.py hybrid built on it) against numpy fp64 (JAX only)."""
+"""jax_reference.muon (and the optim.py hybrid built on it) against numpy fp64 (JAX only).
+
+Each transform of the chain (.specs/muon_math.md §3–§7) is tested on its own,
+then muon() as a whole against a numpy fp64 transcription of the spec.
+"""
 
 import math
 
@@ -12,9 +16,26 @@ from hypothesis import strategies as st
 from jax.experimental import checkify
 
 from jax_reference.adamw import adamw
-from jax_reference.muon import MuonState, muon, muon_matrix_update, normuon
-from jax_reference.optim import hybrid, label_params
+from jax_reference.muon import (
+    MuonState,
+    NorMuonState,
+    OrthogonalizedMomentumState,
+    add_cautious_decayed_weights,
+    as_matrix_shape,
+    muon,
+    normuon,
+    normuon_state_shape,
+    resolve_orthogonalizer,
+    scale_by_normuon,
+    scale_by_orthogonalized_momentum,
+    scale_by_shape,
+    shape_scale,
+)
+from jax_reference.nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, check_policy
+from jax_reference.optim import hybrid, label_param
 from jax_reference.orthogonalize import newton_schulz, polar_express
+
+field = optax.tree_utils.tree_get  # finds a state field by name anywhere in a nested state
 
 # Op-by-op dispatch compiles every op once per new shape (~1 s per shape for a
 # full Muon step on 2 cores), so the trajectory tests use two sizes: enough
@@ -34,7 +55,7 @@ def identity(X, steps, eps, compute_dtype):
 
 
 def reference_step(G, P, buf, v, *, lr, mu, nesterov, wd, cautious, beta2, shape_scale):
-    """Steps 1-6 of the module docstring in numpy fp64, with orth = identity."""
+    """.specs/muon_math.md eqs. (1)-(9) in numpy fp64, with orth = identity."""
     shape = P.shape
     rows, cols = shape[0], int(np.prod(shape[1:]))
     G, P, buf = (np.asarray(x, np.float64).reshape(rows, cols) for x in (G, P, buf))
@@ -167,19 +188,169 @@ def test_named_orthogonalizers_dispatch(name, orth):
     np.testing.assert_array_equal(-updates["w"], orth(G, steps=5))  # same code path: bitwise
 
 
-def test_muon_matrix_update_is_the_per_leaf_math():
+# ---- the transforms of the chain, one at a time (.specs/muon_math.md §3–§7) ----
+
+
+def run_transform(tx, updates_seq, params):
+    """Feed `tx` each update tree in turn; returns (its outputs, final state)."""
+    state, outs = tx.init(params), []
+    for u in updates_seq:
+        out, state = tx.update(u, state, params)
+        outs.append(out)
+    return outs, state
+
+
+def row_normalize(X, steps, eps, compute_dtype):
+    """A layout-sensitive orth stand-in: every row of the (rows, cols) view scaled to unit norm."""
+    assert X.ndim == 2 and X.dtype == jnp.float32
+    return X / jnp.linalg.norm(X, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_scale_by_orthogonalized_momentum(nesterov):
+    # Two steps on a 2-D and a 3-D leaf against eqs. (1)-(3) in numpy fp64. The orth
+    # stand-in normalizes the rows of the (shape[0], prod(rest)) view, so a wrong
+    # matrix view of the 3-D leaf would show.
+    rng = np.random.default_rng(10)
+    shapes = {"w": (8, 16), "conv": (4, 3, 5)}
+    params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(2)]
+    mu = 0.9
+    tx = scale_by_orthogonalized_momentum(mu, nesterov, resolve_orthogonalizer(row_normalize, 5, jnp.float32))
+    outs, state = run_transform(tx, grads, params)
+    assert isinstance(state, OrthogonalizedMomentumState)
+    for k, shape in shapes.items():
+        rows, cols = as_matrix_shape(shape)
+        M = np.zeros((rows, cols))
+        for g, out in zip(grads, outs):
+            G = g[k].astype(np.float64).reshape(rows, cols)
+            M = M + (1 - mu) * (G - M)
+            U = G + mu * (M - G) if nesterov else M
+            O = U / np.linalg.norm(U, axis=1, keepdims=True)
+            assert out[k].shape == shape and out[k].dtype == jnp.float32
+            # Two lerps, a 16-term norm and a division in f32 (u ≈ 6e-8) per entry:
+            # measured ≤ 2.1e-7 relative Frobenius over 200 draws; tolerance x ~7.
+            assert rel_err(out[k], O.reshape(shape)) <= 1.5e-6
+        assert state.momentum[k].dtype == jnp.float32
+        # Momentum alone: two f32 lerps of O(1) values, measured ≤ 6e-8 over 200
+        # draws; tolerance x ~10.
+        assert rel_err(state.momentum[k], M.reshape(shape)) <= 6e-7
+
+
+@examples(0.6)
+@given(m=DIMS, n=DIMS, seed=SEEDS)
+def test_scale_by_normuon(m, n, seed):
+    # Two steps on an (m, n) leaf and a 3-D leaf viewed as (4, 15) against
+    # eqs. (4)-(6) in numpy fp64; v has normuon_state_shape of the matrix view.
+    rng = np.random.default_rng(seed)
+    shapes = {"w": (m, n), "conv": (4, 3, 5)}
+    params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    updates = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(2)]
+    beta2 = 0.9
+    outs, state = run_transform(scale_by_normuon(beta2), updates, params)
+    assert isinstance(state, NorMuonState)
+    for k, shape in shapes.items():
+        rows, cols = as_matrix_shape(shape)
+        v = np.zeros(normuon_state_shape(rows, cols))
+        assert state.second_moment[k].shape == v.shape and state.second_moment[k].dtype == jnp.float32
+        for u, out in zip(updates, outs):
+            O = u[k].astype(np.float64).reshape(rows, cols)
+            v = v + (1 - beta2) * (np.mean(O**2, axis=1 if rows >= cols else 0, keepdims=True) - v)
+            OD = O / np.sqrt(np.maximum(v, 1e-10))
+            ref = OD * np.linalg.norm(O) / max(np.linalg.norm(OD), 1e-10)
+            assert out[k].shape == shape
+            # f32 means, rsqrt, two norms and a ratio: measured ≤ 1.1e-6 relative
+            # Frobenius over 400 draws (all four shape pairs); tolerance x ~5.
+            assert rel_err(out[k], ref.reshape(shape)) <= 5e-6
+        # v: two f32 EMA steps of a mean of squares, measured ≤ 1e-7 over 400
+        # draws; tolerance x ~10.
+        assert rel_err(state.second_moment[k], v) <= 1e-6
+
+
+SHAPE_FACTORS = {  # leaf shape -> expected s of eq. (7), per rule; (4, 3, 5) is viewed as (4, 15)
+    "max_ratio": {(32, 8): 2.0, (8, 32): 1.0, (16, 16): 1.0, (4, 3, 5): 1.0, (15, 2, 2): math.sqrt(15 / 4)},
+    "match_rms_adamw": {(32, 8): 0.2 * math.sqrt(32), (8, 32): 0.2 * math.sqrt(32), (16, 16): 0.8,
+                        (4, 3, 5): 0.2 * math.sqrt(15), (15, 2, 2): 0.2 * math.sqrt(15)},
+}
+
+
+@pytest.mark.parametrize("rule", sorted(SHAPE_FACTORS))
+def test_scale_by_shape(rule):
+    rng = np.random.default_rng(11)
+    updates = {str(s): rng.standard_normal(s).astype(np.float32) for s in SHAPE_FACTORS[rule]}
+    tx = scale_by_shape(rule)
+    out, state = tx.update(updates, tx.init(updates), updates)
+    assert state == optax.EmptyState()
+    for s, factor in SHAPE_FACTORS[rule].items():
+        assert shape_scale(*as_matrix_shape(s), rule) == pytest.approx(factor, rel=1e-15)  # float64 formula
+        # One f32 multiply by the f32-rounded factor in both: bitwise.
+        np.testing.assert_array_equal(out[str(s)], updates[str(s)] * np.float32(shape_scale(*as_matrix_shape(s), rule)))
+    with pytest.raises(ValueError, match="max_ratio.*match_rms_adamw"):
+        scale_by_shape("spectral")
+
+
+def test_add_cautious_decayed_weights():
+    # Decay wd·P where u·P >= 0 (exact zeros included), nothing where u·P < 0. The
+    # incoming u = s·O (after scale_by_shape) has O's signs for any s > 0, so the mask
+    # does not depend on s, and the decay term wd·P is not scaled by s.
+    P = np.array([[1.0, 1.0, -1.0, 2.0], [1.0, -1.0, 0.0, 3.0]], np.float32)
+    O = np.array([[1.0, -1.0, -1.0, 0.0], [-2.0, -1.0, 5.0, 0.5]], np.float32)
+    mask = np.array([[1, 0, 1, 1], [0, 1, 1, 1]], np.float32)
+    tx = add_cautious_decayed_weights(0.5)
+    for s in (1.0, 2.0):
+        out, _ = tx.update({"w": s * O}, tx.init({"w": P}), {"w": P})
+        # Small dyadic values: every product and sum is exact in f32, so bitwise.
+        np.testing.assert_array_equal(out["w"], s * O + 0.5 * mask * P)
+    out, _ = add_cautious_decayed_weights(0.0).update({"w": O}, optax.EmptyState(), {"w": P})
+    np.testing.assert_array_equal(out["w"], O)  # wd = 0: the identity
+    with pytest.raises(ValueError, match="params"):
+        tx.update({"w": O}, tx.init({"w": P}))
+
+
+def test_resolve_orthogonalizer_calls_with_keywords():
+    # One orthogonalizer signature for both frameworks: f(X, steps=, eps=, compute_dtype=).
+    calls = []
+
+    def spy(X, *, steps, eps, compute_dtype):  # keyword-only: a positional call fails
+        calls.append((X.shape, X.dtype, steps, eps, compute_dtype))
+        return X
+
+    tx = muon(0.02, orthogonalizer=spy, ns_steps=3, eps=1e-5, ns_dtype=jnp.float16)
+    params = {"conv": np.ones((4, 3, 5), np.float32)}
+    tx.update(params, tx.init(params), params)
+    assert calls == [((4, 15), jnp.float32, 3, 1e-5, jnp.float16)]
+    with pytest.raises(ValueError, match="newton_schulz.*polar_express"):
+        resolve_orthogonalizer("svd", 5, jnp.float32)
+
+
+def test_muon_is_the_chain_of_its_transforms():
+    # muon() = guard(in_float32(chain of the public transforms)): applying them one
+    # after the other to fp32 inputs gives the same update and state, bitwise.
     rng = np.random.default_rng(2)
     G, P = (rng.standard_normal((16, 8)).astype(np.float32) for _ in range(2))
-    kw = dict(momentum=0.9, nesterov=True, weight_decay=0.1, cautious_weight_decay=True, normuon_beta2=0.9)
-    update, buf, v = muon_matrix_update(
-        G, P, np.zeros_like(G), np.zeros((16, 1), np.float32), learning_rate=0.02,
-        orthogonalize=lambda X: newton_schulz(X), **kw,
-    )
-    tx = muon(0.02, **kw)
-    updates, state = tx.update({"w": G}, tx.init({"w": P}), {"w": P})
-    np.testing.assert_array_equal(updates["w"], update)  # the transform is a tree-map over it
-    np.testing.assert_array_equal(state.momentum["w"], buf)
-    np.testing.assert_array_equal(state.second_moment["w"], v)
+    params = {"w": P}
+    transforms = [
+        scale_by_orthogonalized_momentum(0.9, True, resolve_orthogonalizer("newton_schulz", 5, jnp.bfloat16)),
+        scale_by_normuon(0.9),
+        scale_by_shape("max_ratio"),
+        add_cautious_decayed_weights(0.1),
+        optax.scale_by_learning_rate(0.02),
+    ]
+    u, states = {"w": G}, []
+    for t in transforms:
+        u, s = t.update(u, t.init(params), params)
+        states.append(s)
+    tx = muon(0.02, momentum=0.9, nesterov=True, weight_decay=0.1, cautious_weight_decay=True, normuon_beta2=0.9)
+    updates, state = tx.update({"w": G}, tx.init(params), params)
+    np.testing.assert_array_equal(updates["w"], u["w"])
+    np.testing.assert_array_equal(state.momentum["w"], states[0].momentum["w"])
+    np.testing.assert_array_equal(state.second_moment["w"], states[1].second_moment["w"])
+    assert int(state.count) == 1
+    # The state names the chain's states in chain order; tree_get finds the same leaves.
+    assert isinstance(state, MuonState) and state._fields == (
+        "orthogonalized_momentum", "normuon", "shape_scale", "weight_decay", "learning_rate")
+    for name in ("momentum", "second_moment", "count"):
+        jax.tree.map(np.testing.assert_array_equal, field(state, name), getattr(state, name))
 
 
 def test_bf16_params_fp32_state():
@@ -233,6 +404,8 @@ def test_nonfinite_raise():
     state = tx.init(params)
     with pytest.raises(ValueError, match=r"non-finite gradient at \['b'\]"):
         tx.update(bad, state, params)
+    with pytest.raises(NonFiniteGradientError, match=r"\['b'\]"):  # the named subclass
+        tx.update(bad, state, params)
     # Under jit the check is a checkify.check: functionalize it to see it.
     err, _ = checkify.checkify(jax.jit(tx.update))(bad, state, params)
     with pytest.raises(checkify.JaxRuntimeError, match=r"non-finite gradient at \['b'\]"):
@@ -254,18 +427,24 @@ def test_nonfinite_skip_is_a_no_op(jit):
     jax.tree.map(np.testing.assert_array_equal, new_state, state)
 
 
+def test_nonfinite_policy_names():
+    assert NONFINITE_POLICIES == ("raise", "skip")
+    assert [check_policy(p) for p in NONFINITE_POLICIES] == list(NONFINITE_POLICIES)
+    assert issubclass(NonFiniteGradientError, ValueError)  # pytest.raises(ValueError) keeps working
+
+
 # ---- optim.py: the nanochat hybrid split (Muon + three AdamW groups) ----
 
 
-def test_label_params():
-    assert label_params("transformer.h.0.attn.c_q.weight", (64, 64)) == "muon"
-    assert label_params("transformer.h.3.mlp.c_fc.weight", (256, 64)) == "muon"
-    assert label_params("transformer.h.0.attn.lambda", (4,)) == "scalar"
-    assert label_params("transformer.wte.weight", (100, 64)) == "embedding"
-    assert label_params("lm_head.weight", (100, 64)) == "unembedding"
-    assert label_params("resid_lambdas", (2,)) == "scalar"
-    assert label_params("x0_lambdas", ()) == "scalar"
-    assert label_params("value_proj.weight", (64, 64)) == "scalar"
+def test_label_param():
+    assert label_param("transformer.h.0.attn.c_q.weight", (64, 64)) == "muon"
+    assert label_param("transformer.h.3.mlp.c_fc.weight", (256, 64)) == "muon"
+    assert label_param("transformer.h.0.attn.lambda", (4,)) == "scalar"
+    assert label_param("transformer.wte.weight", (100, 64)) == "embedding"
+    assert label_param("lm_head.weight", (100, 64)) == "unembedding"
+    assert label_param("resid_lambdas", (2,)) == "scalar"
+    assert label_param("x0_lambdas", ()) == "scalar"
+    assert label_param("value_proj.weight", (64, 64)) == "scalar"
 
 
 def test_hybrid_routes_groups_with_width_scaled_lrs():
@@ -291,7 +470,7 @@ def test_hybrid_routes_groups_with_width_scaled_lrs():
         "scalar": adamw(0.5 * width * 0.5, 0.8, 0.95, 1e-10),
     }
     for name in shapes:
-        group = expected_tx[label_params(name, shapes[name])]
+        group = expected_tx[label_param(name, shapes[name])]
         p, g = {name: params[name]}, {name: grads[name]}
         expected, _ = group.update(g, group.init(p), p)
         # Same ops; only lr is a schedule output (traced f32) instead of a

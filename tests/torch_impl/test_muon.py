@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from torch_impl.adamw import AdamW
-from torch_impl.muon import Muon
+from torch_impl.optim import AdamW
+from torch_impl.optim import Muon
 from torch_impl.optim import hybrid, label_param
 
 
