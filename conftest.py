@@ -7,6 +7,7 @@ thorough: many more examples, for a change to the optimizer before trusting it
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # First calls compile (jax.jit) or spin up BLAS: no per-example deadline.
@@ -21,13 +22,38 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
+# -- session fixtures shared by tests/ and parity_tests/ ------------------------------------
+
+@pytest.fixture(scope="session")
+def rank_groups():
+    """One pool of 4 spawned worker processes for the whole session (tests/dist and the
+    distributed parity tests): `rank_groups(n)` gives a gloo group of size n on its first n
+    workers (re-formed in ~0.5 s when n changes; spawning costs ~4 s of CPU per process for
+    `import torch`, so it is paid once). Case functions run in the ranks are sent by module
+    and name (tests/dist/harness.py), so they live in importable modules, not in a conftest."""
+    from tests.dist.harness import RankGroup, RankPool
+
+    pool = RankPool(4)
+    yield lambda n: RankGroup(pool, n)
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One short single-process training run (tests/train/common.py: `TRAINED_ARGS`) shared by
+    the training tests and the export parity test: (run directory, the finished subprocess).
+    Tests read it and must not change it."""
+    from tests.train.common import train_once
+
+    out_dir = tmp_path_factory.mktemp("train") / "run"
+    return out_dir, train_once(out_dir)
+
+
 # -- guard: every test file under the requested folders must collect something ------------
 # A folder pytest silently skips (its default norecursedirs once hid tests/dist/) or a file
 # whose tests all fail to collect would otherwise pass CI unnoticed. Checked before -m/-k
 # deselection; a module skipped at import (pytest.importorskip) counts as accounted for.
 from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 _skipped_files: set[Path] = set()
 

@@ -25,6 +25,7 @@ measures total CPU work more than parallel speed-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import socket
@@ -90,10 +91,7 @@ def _worker(rank, n, port, cfg, results):
     warnings.filterwarnings("ignore", category=FutureWarning)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
                             timeout=timedelta(seconds=600))
-    from torch_impl.optim import AdamW
-    from torch_impl.optim import DistAdamW
-    from torch_impl.optim import DistMuon
-    from torch_impl.optim import Muon
+    from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
 
     def make(shapes, seed):
         g = torch.Generator().manual_seed(seed)
@@ -132,7 +130,7 @@ def _worker(rank, n, port, cfg, results):
                        else Muon(params, ns_dtype=torch.float32))
             else:
                 opt = (DistAdamW(params, track_stats=True) if scheme == "dist" else AdamW(params))
-            step = opt.step if scheme == "dist" else (lambda: _naive_step(params, opt, comm))
+            step = opt.step if scheme == "dist" else functools.partial(_naive_step, params, opt, comm)
             if scheme == "dist":
                 opt.stats.reset()
             sec, wire = _timed(step, cfg["steps"])

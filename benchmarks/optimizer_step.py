@@ -24,8 +24,7 @@ import torch
 
 import jax_reference.muon as JM
 from benchmarks.report import median_time, write_report
-from torch_impl.optim import AdamW
-from torch_impl.optim import Muon
+from torch_impl.optim import AdamW, Muon
 
 
 def matrix_shapes(depth: int, width: int) -> list[tuple[int, int]]:
@@ -77,7 +76,8 @@ def main(argv=None) -> int:
     cases = [
         ("Muon", "torch_impl Muon (stacked)", ours),
         ("Muon", "torch.optim.Muon", time_torch(lambda ps: torch.optim.Muon(ps, lr=0.02), shapes, args.repeats)),
-        ("Muon", "jax_reference.muon (jit)", time_optax(JM.muon(0.02, ns_dtype=jdt, nonfinite="skip"), shapes, args.repeats)),
+        ("Muon", "jax_reference.muon (jit)",
+         time_optax(JM.muon(0.02, ns_dtype=jdt, nonfinite="skip"), shapes, args.repeats)),
         ("Muon", "optax.contrib.muon (jit)", time_optax(optax.contrib.muon(
             0.02, muon_weight_dimension_numbers=MuonDimensionNumbers(1, 0)), shapes, args.repeats)),
     ]
@@ -86,8 +86,10 @@ def main(argv=None) -> int:
     ours_adam = time_torch(lambda ps: AdamW(ps, lr=1e-3), adam_shapes, args.repeats)
     cases += [
         ("AdamW", "torch_impl AdamW", ours_adam),
-        ("AdamW", "torch.optim.AdamW foreach", time_torch(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), adam_shapes, args.repeats)),
-        ("AdamW", "torch.optim.AdamW fused", time_torch(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), adam_shapes, args.repeats)),
+        ("AdamW", "torch.optim.AdamW foreach",
+         time_torch(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), adam_shapes, args.repeats)),
+        ("AdamW", "torch.optim.AdamW fused",
+         time_torch(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), adam_shapes, args.repeats)),
     ]
     for family, name, t in cases:
         base = ours if family == "Muon" else ours_adam

@@ -28,7 +28,7 @@ polynomial_oracle.
 
 import functools
 import numbers
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ POLAR_EXPRESS_COEFFS: tuple[Triple, ...] = (
 )
 POLAR_EXPRESS_NORM_SCALE = 1.01
 
-Coeffs = Union[Triple, Sequence[Triple]]
+Coeffs = Triple | Sequence[Triple]
 
 
 def _check_matrix(dtype, shape, values=None) -> None:
@@ -90,7 +90,7 @@ def coefficient_schedule(coeffs: Coeffs, steps: int) -> list[Triple]:
     try:
         n = len(coeffs)
     except TypeError:
-        raise ValueError(f"coeffs must be one (a, b, c) triple or a sequence of triples, got {coeffs!r}")
+        raise ValueError(f"coeffs must be one (a, b, c) triple or a sequence of triples, got {coeffs!r}") from None
     if n == 0:
         raise ValueError("coeffs is an empty sequence")
     if all(isinstance(x, numbers.Real) for x in coeffs):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jax_reference.gpt as JG
 import jax_reference.optim as JO

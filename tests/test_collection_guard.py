@@ -14,7 +14,7 @@ def test_a_folder_hidden_by_norecursedirs_fails_collection():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0, out.stdout[-2000:]
     assert "collected no tests" in out.stdout + out.stderr
-    assert "tests/dist/test_dist_muon.py" in out.stdout + out.stderr
+    assert "tests/dist/test_sharded_equals_single_device.py" in out.stdout + out.stderr
 
 
 def test_the_dist_tests_are_collected_by_default():

@@ -95,3 +95,33 @@ def test_torch_impl_imports_without_jax():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.strip()) >= 15
+
+
+# -- where tests live: filed by what they test ---------------------------------------------
+
+def test_framework_comparisons_live_in_parity_tests():
+    """Single-framework unit tests live in tests/; a test file importing both torch_impl and
+    jax_reference compares them and belongs in parity_tests/."""
+    both = []
+    for f in sorted((ROOT / "tests").rglob("test_*.py")):
+        roots = {i.split(".")[0] for i in imports_of(f)}
+        if {"torch_impl", "jax_reference"} <= roots:
+            both.append(str(f.relative_to(ROOT)))
+    assert not both, f"torch-vs-JAX comparisons outside parity_tests/: {both}"
+    jax_side = {i.split(".")[0] for f in (ROOT / "tests" / "jax_reference").glob("test_*.py") for i in imports_of(f)}
+    torch_side = {i.split(".")[0] for f in (ROOT / "tests" / "torch_impl").glob("test_*.py") for i in imports_of(f)}
+    assert "torch_impl" not in jax_side and "jax_reference" not in torch_side
+
+
+# The optimizer family: each module has a unit-test file named after it, on both sides.
+OPTIMIZER_MODULES = {"torch_impl": ("orthogonalize", "muon", "adamw", "optim", "placement", "schedule", "nonfinite"),
+                     "jax_reference": ("orthogonalize", "muon", "adamw", "optim", "nonfinite", "precision")}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_optimizer_module_has_its_own_test_file(package):
+    for module in OPTIMIZER_MODULES[package]:
+        assert (ROOT / package / f"{module}.py").is_file(), module
+        test_file = ROOT / "tests" / package / f"test_{module}.py"
+        assert test_file.is_file(), f"no {test_file.relative_to(ROOT)}"
+        assert f"{package}.{module}" in imports_of(test_file), f"{test_file.name} does not import {package}.{module}"

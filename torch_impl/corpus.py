@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 # Directories skipped in the stdlib walk. site-packages/dist-packages are not
 # the stdlib (and differ between machines, which would break determinism).

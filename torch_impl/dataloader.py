@@ -17,7 +17,7 @@ position from its state_dict and sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -167,7 +167,8 @@ def token_bytes(tokenizer, device: str | torch.device = "cpu") -> torch.Tensor:
     return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=device)
 
 
-def bpb_sums(losses: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bpb_sums(losses: torch.Tensor, targets: torch.Tensor,
+             token_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of nats and sum of bytes over the targets, special tokens excluded.
 
     losses are per-token cross-entropies in nats (reduction="none"), same shape

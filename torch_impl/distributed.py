@@ -37,7 +37,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
 DEFAULT_TIMEOUT = timedelta(seconds=300)
 
 
@@ -154,7 +153,7 @@ class Comm:
         self.stats = CommStats() if track_stats else None
 
     @classmethod
-    def local(cls, track_stats: bool = False) -> "Comm":
+    def local(cls, track_stats: bool = False) -> Comm:
         return cls(None, track_stats, local=True)
 
     @property
@@ -168,13 +167,14 @@ class Comm:
         if self.stats is not None:
             self.stats.add(kind, full_bytes, ring_factor)
 
+    # planted-bug target (parity_tests/mutants.py)
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.AVG):
         """Async: `out` (dim 0 = inp's / N) receives this rank's chunk of op over ranks."""
         n = self.world_size
         self._count("reduce_scatter", inp.numel() * inp.element_size(), (n - 1) / n)
         return dist.reduce_scatter_tensor(out, inp, op=op, group=self.group, async_op=True)
 
-    def reduce_scatter_chunks(self, inp: torch.Tensor) -> tuple[torch.Tensor, "Work"]:
+    def reduce_scatter_chunks(self, inp: torch.Tensor) -> tuple[torch.Tensor, Work]:
         """Async AVG reduce_scatter of `inp` (dim 0 = N chunks) into a new tensor holding this
         rank's chunk. With one rank that chunk is `inp` itself and nothing is launched."""
         if self.world_size == 1:

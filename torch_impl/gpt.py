@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 SOFTCAP = 15.0
 ROTARY_BASE = 10000
 

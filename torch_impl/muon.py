@@ -37,6 +37,7 @@ SHAPE_SCALES = ("max_ratio", "match_rms_adamw")
 def shape_scale(rows: int, cols: int, rule: str) -> float:
     """Update multiplier that makes the orthogonalized update's size shape-aware."""
     if rule == "max_ratio":
+        # planted-bug target (parity_tests/mutants.py)
         return max(1.0, rows / cols) ** 0.5
     if rule == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
@@ -82,6 +83,7 @@ def muon_step(
     `second_moment` has shape (K, *normuon_state_shape(rows, cols)) when NorMuon is on."""
     rows, cols = params.shape[-2:]
     momentum_buf.lerp_(grads, 1 - hp.momentum)
+    # planted-bug target (parity_tests/mutants.py)
     update = grads.lerp(momentum_buf, hp.momentum) if hp.nesterov else momentum_buf
     O = hp.orthogonalize(update).to(params.dtype)
     if hp.normuon_beta2 is not None:
@@ -89,13 +91,16 @@ def muon_step(
         second_moment.lerp_(O.square().mean(dim=reduce_dim, keepdim=True), 1 - hp.normuon_beta2)
         scaled = O * second_moment.clamp_min(1e-10).rsqrt()
         O = scaled * (frobenius_norm(O) / frobenius_norm(scaled).clamp_min(1e-10))
+    # planted-bug target (parity_tests/mutants.py)
     if hp.weight_decay != 0:
         decay = hp.lr * hp.weight_decay
         if hp.cautious_weight_decay:
             # decay only where the step and the weight agree in sign (exact zeros decay too)
+            # planted-bug target (parity_tests/mutants.py)
             params.sub_(params * (O * params >= 0), alpha=decay)
         else:
             params.mul_(1 - decay)
+    # planted-bug target (parity_tests/mutants.py)
     params.add_(O, alpha=-hp.lr * shape_scale(rows, cols, hp.shape_scale))
 
 

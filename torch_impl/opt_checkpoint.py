@@ -286,7 +286,7 @@ def consolidated_state(opt) -> dict[str, torch.Tensor]:
     every: list = [None] * n
     dist.all_gather_object(every, described, group=group)
     if rank != 0:
-        for key, t, _, _ in pieces:
+        for _key, t, _, _ in pieces:
             if t.numel():
                 dist.send(t.contiguous(), dist.get_global_rank(group, 0) if group else 0, group=group)
         return {}

@@ -40,13 +40,25 @@ import torch
 import torch.distributed as dist
 
 from torch_impl.adamw import adamw_step
-from torch_impl.distributed import (Comm, check_same_on_all_ranks, grad_flags, is_initialized,
-                                    local_device_error, named_params, param_signature)
-from torch_impl.muon import (SHAPE_SCALES, MuonHyper, as_matrix_shape, muon_step,
-                             normuon_state_shape, resolve_orthogonalizer)
+from torch_impl.distributed import (
+    Comm,
+    check_same_on_all_ranks,
+    grad_flags,
+    is_initialized,
+    local_device_error,
+    named_params,
+    param_signature,
+)
+from torch_impl.muon import (
+    SHAPE_SCALES,
+    MuonHyper,
+    as_matrix_shape,
+    muon_step,
+    normuon_state_shape,
+    resolve_orthogonalizer,
+)
 from torch_impl.nonfinite import check_policy, gradients_ok
-from torch_impl.placement import (Placement, Rows, chunk_rows, owner_placements, row_placements,
-                                  same_shape_stacks)
+from torch_impl.placement import Placement, Rows, chunk_rows, owner_placements, row_placements, same_shape_stacks
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -257,7 +269,7 @@ class Muon(ShardedOptimizer):
         # 3. update: per stack, wait for its gradients, step the matrices this rank holds (a
         #    contiguous run starting at matrix rank·c, so recv[j] is owned[j]), launch the gather
         gathers = []
-        for hp, stack, c, send, recv, work in pending:
+        for hp, stack, c, _send, recv, work in pending:
             work.wait()
             owned = [p for p in stack if self.placement(p).holds(rank)]
             active = [j for j, p in enumerate(owned) if p.grad is not None]
@@ -280,6 +292,7 @@ class Muon(ShardedOptimizer):
         for stack, _mine, out, work in gathers:
             work.wait()
             for i, p in enumerate(stack):
+                # planted-bug target (parity_tests/mutants.py)
                 p.copy_(out[i].view_as(p))
 
 
@@ -394,6 +407,7 @@ class AdamW(ShardedOptimizer):
         # 4. gather: every rank takes the owners' rows
         for p, _mine, out, work in gathers:
             work.wait()
+            # planted-bug target (parity_tests/mutants.py)
             p.copy_(out[:p.shape[0]])
 
 

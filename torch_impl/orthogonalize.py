@@ -111,14 +111,17 @@ def newton_schulz(
         X = X.mT
     norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
     X = X.to(norm_dtype)
+    # planted-bug target (parity_tests/mutants.py)
     X = (X / (frobenius_norm(X) * norm_scale + eps)).to(compute_dtype)
     for a, b, c in schedule:
         A = torch.bmm(X, X.mT)
         # A and B are symmetric, so A·Aᵀ = A·A and Bᵀ·X = B·X in exact arithmetic. The
         # transposed operand layout takes oneDNN's fast bf16 path on CPUs without native bf16
         # GEMM (measured 3.4–7.9× faster on an AVX2 CPU) and costs nothing in fp32 or on CUDA.
+        # planted-bug target (parity_tests/mutants.py)
         B = torch.baddbmm(A, A, A.mT, beta=b, alpha=c)
         X = torch.baddbmm(X, B.mT, X, beta=a, alpha=1.0)
+    # planted-bug target (parity_tests/mutants.py)
     if transposed:
         X = X.mT
     return X.reshape(*batch, m, n).to(G.dtype)

@@ -89,6 +89,7 @@ def owner_placements(stacks: list[list[torch.Tensor]], world_size: int) -> dict[
     out = {}
     for stack in stacks:
         c = chunk_rows(len(stack), world_size)
+        # planted-bug target (parity_tests/mutants.py)
         out.update({p: Owned(i // c) for i, p in enumerate(stack)})
     return out
 

@@ -19,8 +19,14 @@ import torch
 import torch.distributed as dist
 
 from torch_impl import schedule
-from torch_impl.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, model_config, read_meta,
-                                   resolve_checkpoint)
+from torch_impl.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    model_config,
+    read_meta,
+    resolve_checkpoint,
+)
 from torch_impl.config import TrainConfig, UsageError
 from torch_impl.corpus import CorpusError, load_corpus
 from torch_impl.dataloader import split_documents, tokenize_documents

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. a new document)")
     parser.add_argument("--max-tokens", type=int, default=200, help="number of tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all (default 50)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample among the k most likely tokens; 0 = all (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -108,7 +108,7 @@ class BPETokenizer:
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
-    def train(cls, docs: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, docs: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Train on the documents. The result may have fewer than vocab_size tokens
         if the corpus runs out of pairs to merge; check .vocab_size."""
         tk = _require_tokenizers()
@@ -162,7 +162,7 @@ class BPETokenizer:
         self._tok.save(str(path))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BPETokenizer":
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
         tk = _require_tokenizers()
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such tokenizer file")

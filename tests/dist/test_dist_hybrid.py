@@ -2,7 +2,7 @@
 change world size (torch_impl/opt_checkpoint.py), consolidation.
 
 Every comparison here is bit for bit: gradients are exact (see each case), DistMuon and
-DistAdamW then do the single-device arithmetic (test_dist_muon/test_dist_adamw), and a
+DistAdamW then do the single-device arithmetic (test_sharded_equals_single_device.py), and a
 restored state is the saved state. References run inside the ranks (1 BLAS thread, like
 the distributed run) rather than in pytest's process."""
 

@@ -1,4 +1,5 @@
-"""jax_reference.muon (and the optim.py hybrid built on it) against numpy fp64 (JAX only).
+"""jax_reference.muon against numpy fp64 (JAX only); the hybrid built on it is tested in
+test_optim.py, the non-finite policy module in test_nonfinite.py.
 
 Each transform of the chain (.specs/muon_math.md §3–§7) is tested on its own,
 then muon() as a whole against a numpy fp64 transcription of the spec.
@@ -15,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify
 
-from jax_reference.adamw import adamw
 from jax_reference.muon import (
     MuonState,
     NorMuonState,
@@ -31,8 +31,7 @@ from jax_reference.muon import (
     scale_by_shape,
     shape_scale,
 )
-from jax_reference.nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, check_policy
-from jax_reference.optim import hybrid, label_param
+from jax_reference.nonfinite import NonFiniteGradientError
 from jax_reference.orthogonalize import newton_schulz, polar_express
 
 field = optax.tree_utils.tree_get  # finds a state field by name anywhere in a nested state
@@ -392,7 +391,8 @@ def test_bad_options_raise(kwargs, message):
 
 def _params_and_bad_grads():
     rng = np.random.default_rng(4)
-    params = {"a": rng.standard_normal((8, 16)).astype(np.float32), "b": rng.standard_normal((16, 8)).astype(np.float32)}
+    params = {"a": rng.standard_normal((8, 16)).astype(np.float32),
+              "b": rng.standard_normal((16, 8)).astype(np.float32)}
     bad = {"a": params["a"].copy(), "b": params["b"].copy()}
     bad["b"][3, 2] = np.inf
     return params, bad
@@ -427,63 +427,29 @@ def test_nonfinite_skip_is_a_no_op(jit):
     jax.tree.map(np.testing.assert_array_equal, new_state, state)
 
 
-def test_nonfinite_policy_names():
-    assert NONFINITE_POLICIES == ("raise", "skip")
-    assert [check_policy(p) for p in NONFINITE_POLICIES] == list(NONFINITE_POLICIES)
-    assert issubclass(NonFiniteGradientError, ValueError)  # pytest.raises(ValueError) keeps working
+# ---- bad input and the non-finite policy (the torch side: tests/torch_impl/test_optim.py) ----
 
 
-# ---- optim.py: the nanochat hybrid split (Muon + three AdamW groups) ----
+def test_muon_rejects_vectors_naming_them():
+    with pytest.raises(ValueError, match="bias"):
+        muon(0.02).init({"layer.bias": jnp.zeros(7)})
 
 
-def test_label_param():
-    assert label_param("transformer.h.0.attn.c_q.weight", (64, 64)) == "muon"
-    assert label_param("transformer.h.3.mlp.c_fc.weight", (256, 64)) == "muon"
-    assert label_param("transformer.h.0.attn.lambda", (4,)) == "scalar"
-    assert label_param("transformer.wte.weight", (100, 64)) == "embedding"
-    assert label_param("lm_head.weight", (100, 64)) == "unembedding"
-    assert label_param("resid_lambdas", (2,)) == "scalar"
-    assert label_param("x0_lambdas", ()) == "scalar"
-    assert label_param("value_proj.weight", (64, 64)) == "scalar"
+def test_unknown_orthogonalizer_lists_valid_names():
+    with pytest.raises(ValueError, match="newton_schulz.*polar_express|polar_express.*newton_schulz"):
+        muon(0.02, orthogonalizer="svd")
 
 
-def test_hybrid_routes_groups_with_width_scaled_lrs():
-    rng = np.random.default_rng(5)
-    shapes = {
-        "transformer.wte.weight": (32, 16),
-        "transformer.h.0.attn.c_q.weight": (16, 16),
-        "transformer.h.0.mlp.c_fc.weight": (32, 16),  # tall: max_ratio scale sqrt(2)
-        "lm_head.weight": (32, 16),
-        "resid_lambdas": (2,),
-    }
-    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    mult = lambda step: 0.5  # lr_multiplier applies to every group
-    tx = hybrid(params, model_dim=3072, lr_multiplier=mult, weight_decay=0.1, nonfinite="skip")
-    updates, _ = tx.update(grads, tx.init(params), params)
-
-    width = (3072 / 768) ** -0.5
-    expected_tx = {
-        "muon": muon(0.02 * 0.5, weight_decay=0.1, nonfinite="skip"),
-        "embedding": adamw(0.2 * width * 0.5, 0.8, 0.95, 1e-10),
-        "unembedding": adamw(0.004 * width * 0.5, 0.8, 0.95, 1e-10),
-        "scalar": adamw(0.5 * width * 0.5, 0.8, 0.95, 1e-10),
-    }
-    for name in shapes:
-        group = expected_tx[label_param(name, shapes[name])]
-        p, g = {name: params[name]}, {name: grads[name]}
-        expected, _ = group.update(g, group.init(p), p)
-        # Same ops; only lr is a schedule output (traced f32) instead of a
-        # Python constant, which may move the last f32 bit of lr·x.
-        np.testing.assert_allclose(updates[name], expected[name], rtol=1e-6, atol=0)
+def test_nonfinite_gradient_raises_naming_the_parameter_before_writing_anything():
+    tx = muon(0.02, ns_dtype=jnp.float32)
+    params = {"good": jnp.ones((4, 4)), "bad": jnp.ones((4, 4))}
+    with pytest.raises(ValueError, match="bad"):
+        tx.update({"good": jnp.ones((4, 4)), "bad": jnp.full((4, 4), jnp.nan)}, tx.init(params), params)
 
 
-def test_hybrid_skip_skips_every_group():
-    params = {"transformer.h.0.w": np.ones((8, 8), np.float32), "transformer.wte.weight": np.ones((4, 8), np.float32)}
-    grads = {"transformer.h.0.w": np.ones((8, 8), np.float32), "transformer.wte.weight": np.full((4, 8), np.nan, np.float32)}
-    tx = hybrid(params, nonfinite="skip")
+def test_nonfinite_skip_leaves_everything_untouched():
+    tx = muon(0.02, ns_dtype=jnp.float32, nonfinite="skip")
+    params = jnp.ones((4, 4))
     state = tx.init(params)
-    updates, new_state = jax.jit(tx.update)(grads, state, params)
-    for u in jax.tree.leaves(updates):
-        np.testing.assert_array_equal(u, 0.0)
-    jax.tree.map(np.testing.assert_array_equal, new_state, state)
+    updates, new_state = tx.update(jnp.full((4, 4), jnp.inf), state, params)
+    assert not np.any(np.asarray(updates)) and int(new_state.count) == 0

@@ -1,4 +1,4 @@
-"""jax_reference.orthogonalize against its fp64 oracles (JAX only)."""
+"""jax_reference.orthogonalize against its fp64 oracles, and its bad-input errors (JAX only)."""
 
 import functools
 
@@ -125,7 +125,8 @@ def test_convergent_coefficients_reach_exact_polar(m, n, seed):
 
 
 @examples(0.4)  # batching does not care about sizes: two keep compiles few
-@given(m=st.sampled_from([8, 32]), n=st.sampled_from([8, 32]), seed=SEEDS, dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+@given(m=st.sampled_from([8, 32]), n=st.sampled_from([8, 32]), seed=SEEDS,
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_batch_equals_loop(m, n, seed, dtype):
     G = gaussian(seed, 2, 3, m, n)
     batched = newton_schulz(G, compute_dtype=dtype)
@@ -158,7 +159,8 @@ def test_coefficient_schedule_repeats_last_triple_and_truncates():
     G = gaussian(2, 16, 8)
     padded = POLAR_EXPRESS_COEFFS + (POLAR_EXPRESS_COEFFS[-1],) * 2
     np.testing.assert_array_equal(newton_schulz(G, 7, POLAR_EXPRESS_COEFFS), newton_schulz(G, 7, padded))
-    np.testing.assert_array_equal(newton_schulz(G, 2, POLAR_EXPRESS_COEFFS), newton_schulz(G, 2, POLAR_EXPRESS_COEFFS[:2]))
+    np.testing.assert_array_equal(newton_schulz(G, 2, POLAR_EXPRESS_COEFFS),
+                                  newton_schulz(G, 2, POLAR_EXPRESS_COEFFS[:2]))
     np.testing.assert_array_equal(newton_schulz(G, 3, NS5_COEFFS), newton_schulz(G, 3, [NS5_COEFFS] * 3))
     np.testing.assert_array_equal(
         polynomial_oracle(G, POLAR_EXPRESS_COEFFS, 7), polynomial_oracle(G, padded, 7)
@@ -231,3 +233,29 @@ def test_bad_schedule_raises(kwargs, message):
         newton_schulz(G, **kwargs)
     with pytest.raises(ValueError, match=message):
         polynomial_oracle(G, kwargs.get("coeffs", NS5_COEFFS), kwargs.get("steps", 5))
+
+
+# The same bad inputs as the torch side's (tests/torch_impl/test_orthogonalize.py), through
+# the public entry point with default arguments.
+BAD_INPUTS = {
+    "integer dtype": (np.ones((4, 4), np.int32), "floating"),
+    "one dimension": (np.ones((4,), np.float32), "rows, cols|ndim"),
+    "empty matrix": (np.ones((0, 4), np.float32), "empty"),
+    "nan": (np.full((4, 4), np.nan, np.float32), "NaN|nan|finite"),
+    "inf": (np.full((4, 4), np.inf, np.float32), "NaN|nan|finite|inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_a_clear_value_error(case):
+    x, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        newton_schulz(jnp.asarray(x))
+
+
+def test_bad_schedules_raise():
+    arr = jnp.asarray(np.ones((4, 4), np.float32))
+    with pytest.raises(ValueError, match="steps"):
+        newton_schulz(arr, steps=0)
+    with pytest.raises(ValueError, match="3|triple"):
+        newton_schulz(arr, coeffs=((1.0, 2.0),))

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from torch_impl.dataloader import (
     DistributedTokenLoader,
@@ -16,7 +17,6 @@ from torch_impl.dataloader import (
     tokenize_documents,
 )
 from torch_impl.tokenizer import ByteTokenizer
-
 
 # -----------------------------------------------------------------------------
 # split

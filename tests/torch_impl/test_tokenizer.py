@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from torch_impl.tokenizer import BOS, ByteTokenizer, load_tokenizer, save_tokenizer
 

@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--max-corpus-bytes", "300000",
         "--eval-tokens", "1024", "--sample-tokens", "0"]
 
+# The shared training run (conftest.py's session fixture `trained`): 40 steps of TINY, evaluated
+# every 20, with a 40-token sample at the end.
+TRAINED_STEPS = 40
+TRAINED_ARGS = [*TINY, "--steps", str(TRAINED_STEPS), "--eval-every", "20"]
+
 
 def env() -> dict:
     # one thread per process: the test runner and other jobs share the cores, and oversubscribed
@@ -36,7 +41,8 @@ def run(args: list[str], ranks: int | None = None, timeout: float = 300) -> subp
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                  f"stderr:\n{proc.stderr[-5000:]}")
     return proc
 
 
@@ -48,3 +54,8 @@ def metrics(out_dir: Path, kind: str | None = None) -> list[dict]:
 def tree(path: Path) -> dict[str, int]:
     """Relative path -> size of every file under path: a cheap 'nothing changed' fingerprint."""
     return {str(p.relative_to(path)): p.stat().st_size for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def train_once(out_dir: Path) -> subprocess.CompletedProcess:
+    """The shared training run into `out_dir` (a fresh directory)."""
+    return check(run([*TRAINED_ARGS, "--out-dir", str(out_dir), "--sample-tokens", "40", "--sample-prompt", "def "]))

@@ -1,29 +1,19 @@
 """One process, no process group: `python -m torch_impl.train` learns, checkpoints, and its checkpoint
-feeds the sample and export CLIs. One short training run (module fixture) serves every test here."""
+feeds the sample CLI. One short training run (conftest.py's session fixture `trained`) serves every
+test here and the export parity test (parity_tests/test_export_parity.py)."""
 
 import math
 
-import jax
 import numpy as np
 import pytest
-import torch
 
-import jax_reference.gpt as J
-from tests.train.common import TINY, check, metrics, run, tree
+from tests.train.common import TINY, TRAINED_ARGS, TRAINED_STEPS, check, metrics, run, tree
 from torch_impl.checkpoint import load_model
-from torch_impl.export import read_config
 from torch_impl.sample import generate_text
 from torch_impl.train import main
 
-STEPS = 40
-ARGS = [*TINY, "--steps", str(STEPS), "--eval-every", "20"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("train") / "run"
-    proc = check(run([*ARGS, "--out-dir", str(out_dir), "--sample-tokens", "40", "--sample-prompt", "def "]))
-    return out_dir, proc
+STEPS = TRAINED_STEPS
+ARGS = TRAINED_ARGS
 
 
 def test_loss_decreases(trained):
@@ -63,26 +53,6 @@ def test_sample_cli(trained):
     # the same continuation in-process: seeded sampling is deterministic
     model, tok, _ = load_model(out_dir)
     assert text == "def " + generate_text(model, tok, "def ", 60, seed=1)
-
-
-def test_export_cli_matches_jax(trained, tmp_path):
-    # trained weights: nonzero lm_head and c_proj (the fresh init has them at zero); tolerance as derived
-    # in test_export.py
-    out_dir, _ = trained
-    path = tmp_path / "model.safetensors"
-    check(run(["-m", "torch_impl.export", "--checkpoint", str(out_dir), "--out", str(path)]))
-    model, _, _ = load_model(out_dir)
-    idx = np.random.default_rng(0).integers(0, 257, (2, 64))
-    with torch.no_grad():
-        want = model(torch.from_numpy(idx)).numpy()
-    c = read_config(path)
-    cfg = J.GPTConfig(sequence_len=c.sequence_len, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                      n_kv_head=c.n_kv_head, n_embd=c.n_embd)
-    got = np.asarray(J.forward_jit(J.load_safetensors(path), jax.numpy.asarray(idx), cfg))
-    assert np.abs(want).std() > 0.5
-    # torch vs JAX fp32 forward of the same weights: each within ~1e-5 of its fp64 spec
-    # (test_gpt.py in both trees); measured ≤ 8.3e-6 here
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 def call(argv, capsys):

@@ -1,0 +1,155 @@
+"""torch_impl.placement: where each parameter's work and state live at N ranks.
+
+The sharded optimizers (tests/dist) rely on these splits being exactly torch.chunk's (and
+DTensor Shard(0)'s) uneven split: c = ceil(n/N) per rank, the last ranks possibly short or
+empty. Pure functions of sizes, so hypothesis draws the sizes (N up to 9, past the 4 ranks
+the distributed tests can afford)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from torch_impl.placement import (
+    Owned,
+    Replicated,
+    Rows,
+    chunk_rows,
+    owned_range,
+    owner_placements,
+    row_placements,
+    same_shape_stacks,
+)
+
+world_sizes = st.integers(1, 9)
+row_counts = st.integers(0, 40)
+
+
+def chunk_sizes(n_rows: int, world_size: int) -> list[int]:
+    """Row counts of torch.chunk(rows, N) (fewer than N pieces when rows run out; none for 0)."""
+    return [len(piece) for piece in torch.arange(n_rows).chunk(world_size)] if n_rows else []
+
+
+# ---- chunk_rows / owned_range / Rows.local_rows --------------------------------------------
+
+@given(n_rows=row_counts, world_size=world_sizes)
+def test_chunk_rows_is_ceil_n_over_N_and_at_least_one(n_rows, world_size):
+    c = chunk_rows(n_rows, world_size)
+    assert c == max(1, math.ceil(n_rows / world_size))
+    assert c * world_size >= n_rows  # padding to c·N rows covers every row
+
+
+@given(n_rows=row_counts, world_size=world_sizes)
+def test_rows_partition_0_to_n_in_rank_order_as_torch_chunk_does(n_rows, world_size):
+    place = Rows(n_rows, chunk_rows(n_rows, world_size))
+    ranges = [place.local_rows(r) for r in range(world_size)]
+    assert ranges == [owned_range(n_rows, r, world_size) for r in range(world_size)]
+    # disjoint, contiguous, in rank order, covering [0, n_rows) exactly
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_rows
+    assert all(start <= end for start, end in ranges)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    # the same sizes as torch.chunk, then empty ranks (n_rows < N, or N not dividing n_rows)
+    sizes = [end - start for start, end in ranges]
+    pieces = chunk_sizes(n_rows, world_size)
+    assert sizes[:len(pieces)] == pieces and not any(sizes[len(pieces):])
+    assert [place.holds(r) for r in range(world_size)] == [s > 0 for s in sizes]
+
+
+@pytest.mark.parametrize("n_rows, world_size, expected", [
+    (10, 4, [(0, 3), (3, 6), (6, 9), (9, 10)]),    # not divisible: the last rank is short
+    (2, 4, [(0, 1), (1, 2), (2, 2), (2, 2)]),      # fewer rows than ranks: the last ranks are empty
+    (9, 4, [(0, 3), (3, 6), (6, 9), (9, 9)]),      # ceil(9/4) = 3: rank 3 gets nothing (torch.chunk: 3 pieces)
+    (8, 4, [(0, 2), (2, 4), (4, 6), (6, 8)]),
+    (5, 1, [(0, 5)]),
+])
+def test_rows_examples(n_rows, world_size, expected):
+    assert [Rows(n_rows, chunk_rows(n_rows, world_size)).local_rows(r) for r in range(world_size)] == expected
+
+
+def test_replicated_and_owned():
+    assert all(Replicated().holds(r) and Replicated().local_rows(r) is None for r in range(4))
+    assert [Owned(2).holds(r) for r in range(4)] == [False, False, True, False]
+    assert Owned(2).local_rows(2) is None
+
+
+# ---- same_shape_stacks / owner_placements (Muon) -------------------------------------------
+
+SHAPES = [(4, 4), (8, 4), (4, 2, 2)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@given(specs=st.lists(st.tuples(st.sampled_from(SHAPES), st.sampled_from(DTYPES)), max_size=12))
+def test_same_shape_stacks_group_by_shape_and_dtype_in_first_seen_order(specs):
+    params = [torch.zeros(shape, dtype=dtype) for shape, dtype in specs]
+    stacks = same_shape_stacks(params)
+    keys = [(tuple(s[0].shape), s[0].dtype) for s in stacks]
+    assert keys == list(dict.fromkeys((tuple(p.shape), p.dtype) for p in params))  # first-seen order
+    assert all(all(p.shape == s[0].shape and p.dtype == s[0].dtype for p in s) for s in stacks)
+    # every parameter exactly once, and within a stack in the order given
+    assert sorted(id(p) for s in stacks for p in s) == sorted(id(p) for p in params)
+    order = {id(p): i for i, p in enumerate(params)}
+    assert all([order[id(p)] for p in s] == sorted(order[id(p)] for p in s) for s in stacks)
+
+
+@given(counts=st.lists(st.integers(1, 20), min_size=1, max_size=4), world_size=world_sizes)
+def test_owner_placements_give_matrix_i_to_rank_i_div_ceil_K_over_N(counts, world_size):
+    stacks = [[torch.zeros(k + 1, 3) for _ in range(count)] for k, count in enumerate(counts)]
+    places = owner_placements(stacks, world_size)
+    assert len(places) == sum(counts)
+    if world_size == 1:
+        assert all(place == Replicated() for place in places.values())
+        return
+    for stack in stacks:
+        c = math.ceil(len(stack) / world_size)
+        owners = [places[p].owner for p in stack]
+        assert all(isinstance(places[p], Owned) for p in stack)
+        assert owners == [i // c for i in range(len(stack))]
+        assert all(0 <= o < world_size for o in owners)
+        # at most ceil(K/N) matrices per rank, as contiguous runs (the reduce_scatter chunks)
+        assert max(owners.count(r) for r in range(world_size)) == c
+        assert owners == sorted(owners)
+        for r in range(world_size):
+            assert [places[p].holds(r) for p in stack] == [o == r for o in owners]
+
+
+def test_owner_placements_examples():
+    stack = [torch.zeros(2, 2) for _ in range(5)]
+    assert [owner_placements([stack], 2)[p] for p in stack] == [Owned(0)] * 3 + [Owned(1)] * 2
+    assert [owner_placements([stack], 4)[p].owner for p in stack] == [0, 0, 1, 1, 2]  # rank 3: none
+    assert [owner_placements([stack], 8)[p].owner for p in stack] == [0, 1, 2, 3, 4]  # K < N
+    assert set(owner_placements([stack], 1).values()) == {Replicated()}
+
+
+# ---- row_placements (AdamW) ----------------------------------------------------------------
+
+PARAM_SHAPES = [(), (1,), (7,), (1, 1), (3, 4), (2, 600), (1500,), (64, 32), (5, 0)]
+
+
+@given(shapes=st.lists(st.sampled_from(PARAM_SHAPES), min_size=1, max_size=8), world_size=world_sizes,
+       shard_min_numel=st.sampled_from([0, 1, 2, 12, 1024, 10**6]))
+def test_row_placements_shard_large_params_by_rows_and_replicate_the_rest(shapes, world_size, shard_min_numel):
+    params = [torch.zeros(s) for s in shapes]
+    places = row_placements(params, world_size, shard_min_numel)
+    for p in params:
+        if world_size > 1 and p.ndim >= 1 and p.numel() >= shard_min_numel:
+            assert places[p] == Rows(p.shape[0], chunk_rows(p.shape[0], world_size))
+        else:
+            assert places[p] == Replicated()
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_row_placements_examples(world_size):
+    params = {s: torch.zeros(s) for s in [(), (1,), (7,), (2, 600), (1500,), (64, 32)]}
+    places = row_placements(list(params.values()), world_size, shard_min_numel=1024)
+    assert places[params[(2, 600)]] == Rows(2, 1)            # dim 0 < N for N ≥ 3: ranks 2, 3 hold nothing
+    assert places[params[(1500,)]] == Rows(1500, math.ceil(1500 / world_size))
+    assert places[params[(64, 32)]] == Rows(64, math.ceil(64 / world_size))
+    for s in [(), (1,), (7,)]:  # below the threshold: replicated
+        assert places[params[s]] == Replicated()
+    # 0-d parameters are replicated whatever the threshold; nothing is sharded at N = 1
+    assert row_placements([params[()]], world_size, shard_min_numel=0)[params[()]] == Replicated()
+    assert set(row_placements(list(params.values()), 1, shard_min_numel=0).values()) == {Replicated()}
