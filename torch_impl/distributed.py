@@ -159,7 +159,7 @@ class Comm:
     @property
     def device(self) -> torch.device:
         """Where small control tensors (flags, signatures) live: NCCL needs CUDA tensors."""
-        if is_initialized() and "nccl" in str(dist.get_backend(self.group)):
+        if not self.is_local and is_initialized() and "nccl" in str(dist.get_backend(self.group)):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

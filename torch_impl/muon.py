@@ -23,6 +23,7 @@ same-shape stack that its rank holds, at every world size.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,5 +124,15 @@ def resolve_orthogonalizer(
         orthogonalizer = ORTHOGONALIZERS[orthogonalizer]
     elif not callable(orthogonalizer):
         raise ValueError(f"orthogonalizer must be a name or a callable, got {orthogonalizer!r}")
+    else:
+        # checked here, at construction (collectively), not at the first step: there only the
+        # ranks that own matrices would call it, and the others would wait for them
+        try:
+            inspect.signature(orthogonalizer).bind(None, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)
+        except TypeError as e:
+            raise ValueError(f"orthogonalizer {orthogonalizer!r} must accept f(X, *, steps, eps, "
+                             f"compute_dtype): {e}") from None
+        except ValueError:
+            pass  # no signature to inspect (some builtins): trust the caller
     fn = orthogonalizer
     return lambda X: fn(X, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)

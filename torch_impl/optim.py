@@ -99,6 +99,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def stats(self):
         return self.comm.stats
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's API (progressive unfreezing, ...): at one rank the placements are
+        recomputed; a sharded optimizer's layout is agreed on by all ranks at construction, so
+        there it raises (on every rank alike: the condition is the world size)."""
+        if not hasattr(self, "placements"):  # torch.optim.Optimizer.__init__ adding the groups
+            super().add_param_group(param_group)
+            return
+        if self.comm.world_size > 1:
+            raise ValueError(f"add_param_group on a {type(self).__name__} sharded over "
+                             f"{self.comm.world_size} ranks: build a new optimizer with every group")
+        super().add_param_group(param_group)
+        self.check_params()
+        self.placements = self.place()
+
     def placement(self, p: torch.Tensor) -> Placement:
         """Where `p`'s work and state live at this optimizer's world size."""
         return self.placements[p]
@@ -203,10 +217,21 @@ class Muon(ShardedOptimizer):
                     raise ValueError(f"parameter {name}: {e}") from None
 
     def place(self) -> dict[torch.Tensor, Placement]:
-        # (group index, stack): load_state_dict replaces the group dicts, so never keep them
+        """The owners, and `self.stacks`: (group index, same-shape stack) pairs, the unit each
+        collective moves (a group index, since load_state_dict replaces the group dicts)."""
         self.stacks = [(gi, stack) for gi, group in enumerate(self.param_groups)
                        for stack in same_shape_stacks(group["params"])]
-        return owner_placements([stack for _, stack in self.stacks], self.comm.world_size)
+        placements = owner_placements([stack for _, stack in self.stacks], self.comm.world_size)
+        # The collectives move stack chunks of c = ceil(K/N) matrices, rank r receiving
+        # [r·c, (r+1)·c): the owners must be exactly those runs (checked once, here).
+        n = self.comm.world_size
+        for _, stack in self.stacks:
+            c = chunk_rows(len(stack), n)
+            for r in range(n):
+                owned = [i for i, p in enumerate(stack) if placements[p].holds(r)]
+                if n > 1 and owned != list(range(min(r * c, len(stack)), min((r + 1) * c, len(stack)))):
+                    raise AssertionError(f"Muon owners do not match the stack layout on rank {r}: {owned}")
+        return placements
 
     @staticmethod
     def hyper(group: dict) -> MuonHyper:
@@ -284,8 +309,8 @@ class Muon(ShardedOptimizer):
                 for j, p in enumerate(owned):
                     mine[j].copy_(p.reshape(rows, cols))
                 out = torch.empty(c * n, rows, cols, dtype=mine.dtype, device=mine.device)
-                # `mine` stays referenced until the wait: a buffer handed back to the caching
-                # allocator before the collective completes can be overwritten mid-send
+                # `mine` stays referenced until the wait (c10d's Work holds it too; keeping it
+                # here does not depend on that, nor on a backend's stream bookkeeping)
                 gathers.append((stack, mine, out, comm.all_gather(out, mine)))
 
         # 4. gather: every rank takes the owners' new parameters
@@ -461,12 +486,22 @@ class HybridOptimizer:
     Every group remembers its `initial_lr`; `set_lr_multiplier(m)` sets lr = m·initial_lr
     everywhere (the schedule), `set_muon_momentum` drives nanochat's momentum warmup.
     The non-finite check runs once over all gradients before either optimizer writes, so
-    "skip" skips both and "raise" leaves both untouched."""
+    "skip" skips both and "raise" leaves both untouched. Both parts must use the same policy
+    and the same process group (one collective check covers both)."""
 
-    def __init__(self, muon: torch.optim.Optimizer | None, adamw: torch.optim.Optimizer | None,
+    def __init__(self, muon: ShardedOptimizer | None, adamw: ShardedOptimizer | None,
                  nonfinite: str = "raise"):
         self.optimizers = {k: o for k, o in (("muon", muon), ("adamw", adamw)) if o is not None}
-        self.nonfinite = nonfinite
+        self.nonfinite = check_policy(nonfinite)
+        if not self.optimizers:
+            raise ValueError("HybridOptimizer needs at least one of muon, adamw")
+        policies = {k: o.nonfinite for k, o in self.optimizers.items()}
+        if set(policies.values()) != {self.nonfinite}:
+            raise ValueError(f"nonfinite={nonfinite!r} but the parts have {policies}: use one policy")
+        groups = {k: (o.comm.is_local, o.comm.group) for k, o in self.optimizers.items()}
+        if len(set(groups.values())) > 1:
+            raise ValueError("the parts talk to different process groups (one local, one sharded, or two "
+                             "groups); the single non-finite/presence check would not cover both")
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
@@ -551,17 +586,17 @@ def hybrid(
              lr=lr * width, label=k)
         for k, lr in adam_lrs.items() if groups[k]
     ]
+    matrices = groups["muon"]
     if matrix_optimizer == "adamw":
-        matrices = groups.pop("muon")
-        groups["muon"] = []
+        # The AdamW-only baseline: the block matrices become the first AdamW group, with their
+        # own lr (not width-scaled) and Muon's weight decay. The Muon-only kwargs go unused.
         if matrices:
             adam_groups.insert(0, dict(params=[p for _, p in matrices], param_names=[n for n, _ in matrices],
                                        lr=adamw_matrix_lr, label="matrix",
                                        weight_decay=muon_kwargs.get("weight_decay", 0.0)))
-        for g in adam_groups[1 if matrices else 0:]:
-            g["weight_decay"] = adam_weight_decay
+        matrices = []
     AdamCls, MuonCls = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
-    muon = MuonCls(groups["muon"], lr=matrix_lr, nonfinite=nonfinite, **muon_kwargs) if groups["muon"] else None
+    muon = MuonCls(matrices, lr=matrix_lr, nonfinite=nonfinite, **muon_kwargs) if matrices else None
     adamw = AdamCls(adam_groups, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay,
                     nonfinite=nonfinite) if adam_groups else None
     return HybridOptimizer(muon, adamw, nonfinite)

@@ -30,11 +30,6 @@ def chunk_rows(n_rows: int, world_size: int) -> int:
     return max(1, math.ceil(n_rows / world_size))
 
 
-def owned_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    c = chunk_rows(n_rows, world_size)
-    return min(rank * c, n_rows), min((rank + 1) * c, n_rows)
-
-
 @dataclass(frozen=True)
 class Replicated:
     def holds(self, rank: int) -> bool:

@@ -10,10 +10,8 @@ import torch
 
 from tests.dist.common import exact_randn
 from tests.dist.harness import all_ranks_agree, rank
-from torch_impl.optim import DistAdamW
-from torch_impl.optim import DistMuon
 from torch_impl.nonfinite import NonFiniteGradientError
-from torch_impl.optim import hybrid
+from torch_impl.optim import DistAdamW, DistMuon, hybrid
 
 
 def named_model():
@@ -72,17 +70,17 @@ def case_mismatched_params():
         "different dtype on rank 0": [torch.zeros(8, 8, dtype=torch.bfloat16 if r == 0 else torch.float32)],
         "different order": [torch.zeros(8, 8), torch.zeros(4, 8)][::(-1 if r == 1 else 1)],
     }
-    for what, tensors in variants.items():
+    for tensors in variants.values():
         for cls in (DistMuon, DistAdamW):
-            raises_everywhere(lambda: cls([torch.nn.Parameter(t) for t in tensors]), ValueError,
-                              "differ across ranks")
+            raises_everywhere(lambda cls=cls, tensors=tensors: cls([torch.nn.Parameter(t) for t in tensors]),
+                              ValueError, "differ across ranks")
     # a 1-D parameter on rank 1 only: Muon's own check fails there, the others learn of it
     params = [torch.nn.Parameter(torch.zeros(8) if r == 1 else torch.zeros(8, 8))]
     raises_everywhere(lambda: DistMuon(params), ValueError, "DistMuon" if r != 1 else "≥ 2 dims")
     # parameters on two devices (meta stands in for a second device on a CPU-only machine)
     params = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 8, device="meta"))]
     for cls in (DistMuon, DistAdamW):
-        raises_everywhere(lambda: cls(params), ValueError, "one device")
+        raises_everywhere(lambda cls=cls: cls(params), ValueError, "one device")
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -119,9 +117,29 @@ def case_grad_on_some_ranks():
         # the optimizers' own steps (after the hybrid's global check was bypassed) too
         for o in opt.optimizers.values():
             if any(model[name] is p for g in o.param_groups for p in g["params"]):
-                raises_everywhere(lambda: o.step(check_finite=False), ValueError, name)
+                raises_everywhere(lambda o=o: o.step(check_finite=False), ValueError, name)
 
 
 @pytest.mark.parametrize("n", [2])
 def test_gradient_on_some_ranks_only_raises_on_every_rank(rank_groups, n):
     rank_groups(n).run(case_grad_on_some_ranks)
+
+
+def case_construction_mistakes():
+    """add_param_group on a sharded optimizer, and a hybrid whose parts use different groups
+    (its single check would not cover the sharded part): ValueError on every rank."""
+    from torch_impl.optim import AdamW, HybridOptimizer, Muon
+    for cls in (DistMuon, DistAdamW):
+        opt = cls([torch.nn.Parameter(exact_randn((8, 8), 1))])
+        extra = dict(params=[torch.nn.Parameter(exact_randn((8, 8), 2))])
+        raises_everywhere(lambda o=opt, g=extra: o.add_param_group(g), ValueError, "build a new optimizer")
+    local = Muon([torch.nn.Parameter(exact_randn((8, 8), 3))])
+    sharded = DistAdamW([torch.nn.Parameter(exact_randn((8,), 4))])
+    raises_everywhere(lambda: HybridOptimizer(local, sharded), ValueError, "different process groups")
+    raises_everywhere(lambda: HybridOptimizer(DistMuon([torch.nn.Parameter(exact_randn((8, 8), 5))]),
+                                              AdamW([torch.nn.Parameter(exact_randn((8,), 6))])),
+                      ValueError, "different process groups")
+
+
+def test_construction_mistakes_raise_on_every_rank(rank_groups):
+    rank_groups(2).run(case_construction_mistakes)

@@ -105,7 +105,7 @@ def ckpt_model():
 def train(model, opt, steps):
     """Steps `steps` (a range) with exact gradients and a schedule, as the loop would."""
     for t in steps:
-        for i, (name, p) in enumerate(model.items()):
+        for i, p in enumerate(model.values()):
             p.grad = exact_randn(p.shape, 13, t, i, dtype=p.dtype)
         opt.set_lr_multiplier(1.0 - 0.1 * t)
         opt.set_muon_momentum(0.85 + 0.02 * t)
@@ -220,6 +220,10 @@ def test_save_is_atomic_and_replaces(tmp_path):
 # different gradients per rank, a checksum of every parameter's bits must be equal on all
 # ranks, while tensors are allocated, filled with NaN and freed between each collective's
 # launch and its wait (allocator churn: a buffer freed too early gets reused by them).
+# What this can catch on gloo/CPU: a stale replica, or a send buffer reused or written before
+# its wait (gloo's Work keeps its tensors alive, so a plain early free cannot tear a CPU
+# all_gather; on CUDA the caching allocator could, and the test is device-generic). The planted
+# bug "non-owners keep their stale matrices" (parity_tests/mutants.py) makes it fail.
 
 class ChurnBeforeWait:
     def __init__(self, work, sizes):

@@ -351,6 +351,8 @@ def case_stats(kind_name):
     s = opt.stats
     ok, expect = kind.stats_bytes_ok(s, n)
     all_ranks_agree(ok, f"stats {s} vs expected {expect} per kind")
+    # one rank: every collective is skipped, not run on a group of one
+    all_ranks_agree(n > 1 or s.calls == {}, f"collectives launched at N = 1: {s.calls}")
     return kind.stats_work(s)
 
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from torch_impl.optim import AdamW, Muon, hybrid, label_param
+from torch_impl.optim import AdamW, HybridOptimizer, Muon, hybrid, label_param
 
 
 def make_params(shapes, seed=0, dtype=torch.float32):
@@ -176,3 +176,45 @@ def test_nonfinite_skip_leaves_everything_untouched():
     p.grad = torch.full((4, 4), float("inf"))
     opt.step()
     assert torch.equal(p, torch.ones(4, 4)) and len(opt.state) == 0
+
+
+# ---- construction-time checks and add_param_group ---------------------------------------------
+
+def test_add_param_group_at_one_rank_updates_the_new_parameters_like_a_fresh_optimizer():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(16, 8))
+    a2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    opt = Muon([a], ns_dtype=torch.float32)
+    opt.add_param_group(dict(params=[b]))
+    ref = Muon([dict(params=[a2]), dict(params=[b2])], ns_dtype=torch.float32)
+    b_before = b.detach().clone()
+    for p, q in ((a, a2), (b, b2)):
+        p.grad = torch.randn(p.shape)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert not torch.equal(b, b_before) and b in opt.state
+
+
+def test_add_param_group_rejects_a_vector_in_muon():
+    opt = Muon([torch.nn.Parameter(torch.randn(4, 4))])
+    with pytest.raises(ValueError, match="≥ 2 dims"):
+        opt.add_param_group(dict(params=[torch.nn.Parameter(torch.randn(4))]))
+
+
+def test_orthogonalizer_with_the_wrong_signature_fails_at_construction():
+    def old_style(X, steps, compute_dtype, check_finite):
+        return X
+    with pytest.raises(ValueError, match="steps, eps, compute_dtype"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], orthogonalizer=old_style)
+
+
+def test_hybrid_optimizer_needs_one_policy_and_one_group():
+    p, q = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        HybridOptimizer(Muon([p]), AdamW([q]), nonfinite="rasie")
+    with pytest.raises(ValueError, match="one policy"):
+        HybridOptimizer(Muon([p], nonfinite="skip"), AdamW([q]), nonfinite="raise")
+    with pytest.raises(ValueError, match="at least one"):
+        HybridOptimizer(None, None)

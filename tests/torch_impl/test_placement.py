@@ -19,7 +19,6 @@ from torch_impl.placement import (
     Replicated,
     Rows,
     chunk_rows,
-    owned_range,
     owner_placements,
     row_placements,
     same_shape_stacks,
@@ -34,7 +33,7 @@ def chunk_sizes(n_rows: int, world_size: int) -> list[int]:
     return [len(piece) for piece in torch.arange(n_rows).chunk(world_size)] if n_rows else []
 
 
-# ---- chunk_rows / owned_range / Rows.local_rows --------------------------------------------
+# ---- chunk_rows / Rows.local_rows --------------------------------------------
 
 @given(n_rows=row_counts, world_size=world_sizes)
 def test_chunk_rows_is_ceil_n_over_N_and_at_least_one(n_rows, world_size):
@@ -47,7 +46,6 @@ def test_chunk_rows_is_ceil_n_over_N_and_at_least_one(n_rows, world_size):
 def test_rows_partition_0_to_n_in_rank_order_as_torch_chunk_does(n_rows, world_size):
     place = Rows(n_rows, chunk_rows(n_rows, world_size))
     ranges = [place.local_rows(r) for r in range(world_size)]
-    assert ranges == [owned_range(n_rows, r, world_size) for r in range(world_size)]
     # disjoint, contiguous, in rank order, covering [0, n_rows) exactly
     assert ranges[0][0] == 0 and ranges[-1][1] == n_rows
     assert all(start <= end for start, end in ranges)
