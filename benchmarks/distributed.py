@@ -92,6 +92,7 @@ def _worker(rank, n, port, cfg, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
                             timeout=timedelta(seconds=600))
     from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
+    from torch_impl.placement import ns_cost
 
     def make(shapes, seed):
         g = torch.Generator().manual_seed(seed)
@@ -155,6 +156,13 @@ def _worker(rank, n, port, cfg, results):
                 padded = (sum(math.ceil(k / n) * n * math.prod(sh) for sh, k in by_shape.items())
                           if kind == "muon" else math.ceil(shapes[0][0] / n) * n * shapes[0][1]) * 4
                 moved = padded if scheme == "dist" else param_bytes
+                balance = count_balance = None
+                if kind == "muon" and scheme == "dist":
+                    # Newton-Schulz cost of the busiest rank ÷ the mean: the optimizer's owners
+                    # (by cost) next to the count split i // ceil(K/N) they replaced
+                    balance = opt.owner_balance()
+                    mean = sum(k * ns_cost(sh) for sh, k in by_shape.items()) / n
+                    count_balance = sum(math.ceil(k / n) * ns_cost(sh) for sh, k in by_shape.items()) / mean
                 rows.append(dict(
                     optimizer=kind, scheme=scheme, world_size=n,
                     step_s=max(g["sec"] for g in gathered),
@@ -165,6 +173,8 @@ def _worker(rank, n, port, cfg, results):
                     wire_MB_per_rank=None if wire is None else wire / n / 1e6,
                     work_per_rank=max(g["work"] for g in gathered),
                     theory_work_per_rank=theory_work,
+                    owner_balance=balance,
+                    count_split_balance=count_balance,
                 ))
             del opt, params
     if rank == 0:
@@ -219,7 +229,8 @@ def main(argv=None) -> None:
                ("padded_MB", "padded MB"), ("sent_MB_per_rank", "sent MB/rank (counters)"),
                ("theory_MB_per_rank", "theory 2(N-1)/N·padded MB"),
                ("wire_MB_per_rank", "loopback MB/rank"),
-               ("work_per_rank", "work/rank"), ("theory_work_per_rank", "theory work/rank")]
+               ("work_per_rank", "work/rank"), ("theory_work_per_rank", "theory work/rank"),
+               ("owner_balance", "NS balance (max/mean)"), ("count_split_balance", "count split balance")]
     name = "distributed_quick" if args.quick else "distributed"
     size = f"{cfg['n_layer']} layers, d={cfg['d']}, vocab {cfg['vocab']}"
     notes = (f"Model: {size}; fp32 parameters and gradients, ns_dtype=float32, "

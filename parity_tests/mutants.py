@@ -59,16 +59,16 @@ MUTANTS += [
            "def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.AVG):",
            "def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.SUM):",
            DIST_MUON_TESTS, DIST_MUON_SELECT),
-    Mutant("dist: matrix owners by position modulo N", "torch_impl/placement.py",
-           "out.update({p: Owned(i // c) for i, p in enumerate(stack)})",
-           "out.update({p: Owned(i % world_size) for i, p in enumerate(stack)})",
-           # the edge cases hold a 5-matrix stack, where i // ceil(K/N) and i % N always differ
+    Mutant("dist: matrix owners disagree with the buffer layout", "torch_impl/placement.py",
+           "placements[stack[i]] = Owned(r) if world_size > 1 else Replicated()",
+           "placements[stack[i]] = Owned(i % world_size) if world_size > 1 else Replicated()",
+           # the edge cases hold a 5-matrix stack, whose contiguous runs differ from i % N
            DIST_MUON_TESTS, "edge_shapes and muon"),
     Mutant("dist: AdamW rows gathered at the wrong offset", "torch_impl/optim.py",
            "p.copy_(out[:p.shape[0]])", "p.copy_(out[-p.shape[0]:])",
            DIST_ADAMW_TESTS, DIST_ADAMW_SELECT),
     Mutant("dist: non-owners keep their stale matrices", "torch_impl/optim.py",
-           "p.copy_(out[i].view_as(p))",
-           "p.copy_(out[i].view_as(p)) if self.placement(p).holds(rank) else None",
+           "p.copy_(out[slot].view_as(p))",
+           "p.copy_(out[slot].view_as(p)) if self.placement(p).holds(rank) else None",
            DIST_HYBRID_TESTS, "churn"),
 ]

@@ -119,18 +119,19 @@ class CommStats:
 
     bytes_sent: ring-model bytes this rank sent, per collective kind; payload: full-size
     bytes of the tensors handed to each kind; calls: number of collectives per kind;
-    matrices: matrices orthogonalized on this rank (DistMuon); elements: parameter elements
-    updated on this rank (DistAdamW)."""
+    matrices: matrices orthogonalized on this rank (Muon), ns_cost: their Newton-Schulz cost
+    (placement.ns_cost); elements: parameter elements updated on this rank (AdamW)."""
     bytes_sent: dict[str, float] = field(default_factory=dict)
     payload: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     matrices: int = 0
+    ns_cost: int = 0
     elements: int = 0
     steps: int = 0
 
     def reset(self) -> None:
         self.bytes_sent.clear(), self.payload.clear(), self.calls.clear()
-        self.matrices = self.elements = self.steps = 0
+        self.matrices = self.ns_cost = self.elements = self.steps = 0
 
     def add(self, kind: str, full_bytes: int, ring_factor: float) -> None:
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0.0) + ring_factor * full_bytes

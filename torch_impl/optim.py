@@ -16,13 +16,15 @@ states it for both frameworks. `step()` runs nanochat's phases:
     4. gather  wait for the gathers and copy the new values into every rank's parameters
 
 Where each parameter's work and state live is `placement(p)` (torch_impl/placement.py),
-computed once at construction from the full parameter list: Muon gives each matrix of a
-same-shape stack one owner rank (ZeRO-1/2 style: state on the owner only); AdamW splits large
-parameters by rows (ZeRO-2) and replicates small ones. At one rank everything is Replicated.
+computed once at construction from the full parameter list: Muon gives each matrix one owner
+rank, balancing the ranks' Newton-Schulz cost (placement.owner_counts; ZeRO-1/2 style: state
+on the owner only), and packs each same-shape stack by that layout (placement.StackLayout);
+AdamW splits large parameters by rows (ZeRO-2) and replicates small ones. At one rank
+everything is Replicated.
 
 Communication per step at N ranks: reduce_scatter + all_gather send 2·(N−1)/N of the stacks'
 bytes per rank, the same as one all_reduce of the gradients, while Newton-Schulz work per rank
-drops from K to ceil(K/N) matrices of a K-matrix stack. Gradients travel in fp32 (the math is
+drops from K to ⌊K/N⌋ or ⌈K/N⌉ matrices of a K-matrix stack. Gradients travel in fp32 (the math is
 fp32; bf16 gradients are averaged exactly), parameters in their dtype.
 
 Failures are collective, so every rank raises together instead of hanging: different
@@ -58,7 +60,7 @@ from torch_impl.muon import (
     resolve_orthogonalizer,
 )
 from torch_impl.nonfinite import check_policy, gradients_ok
-from torch_impl.placement import Placement, Rows, chunk_rows, owner_placements, row_placements, same_shape_stacks
+from torch_impl.placement import Placement, Rows, muon_layouts, owner_loads, row_placements, same_shape_stacks
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -177,8 +179,9 @@ class Muon(ShardedOptimizer):
     """Muon (.specs/muon_math.md; math in muon.muon_step).
 
     Parameters of one group with the same (matrix) shape, dtype and device form a stack, so
-    one batched orthogonalizer call serves them all; at N ranks matrix i of a K-matrix stack
-    is owned by rank i // ceil(K/N). Work happens in fp32 copies; bf16 parameters are rounded
+    one batched orthogonalizer call serves them all; at N ranks each rank owns ⌊K/N⌋ or ⌈K/N⌉
+    matrices of a K-matrix stack, the remainders going where the Newton-Schulz cost is lowest
+    (`owner_balance()` reports max ÷ mean). Work happens in fp32 copies; bf16 parameters are rounded
     once when written back. Gradients are never modified. Accepts `model.named_parameters()`
     groups with "param_names" so error messages name parameters. `nonfinite="raise"`
     (default) raises before anything is written when a gradient has NaN/inf; `"skip"` skips
@@ -217,21 +220,20 @@ class Muon(ShardedOptimizer):
                     raise ValueError(f"parameter {name}: {e}") from None
 
     def place(self) -> dict[torch.Tensor, Placement]:
-        """The owners, and `self.stacks`: (group index, same-shape stack) pairs, the unit each
-        collective moves (a group index, since load_state_dict replaces the group dicts)."""
-        self.stacks = [(gi, stack) for gi, group in enumerate(self.param_groups)
-                       for stack in same_shape_stacks(group["params"])]
-        placements = owner_placements([stack for _, stack in self.stacks], self.comm.world_size)
-        # The collectives move stack chunks of c = ceil(K/N) matrices, rank r receiving
-        # [r·c, (r+1)·c): the owners must be exactly those runs (checked once, here).
-        n = self.comm.world_size
-        for _, stack in self.stacks:
-            c = chunk_rows(len(stack), n)
-            for r in range(n):
-                owned = [i for i, p in enumerate(stack) if placements[p].holds(r)]
-                if n > 1 and owned != list(range(min(r * c, len(stack)), min((r + 1) * c, len(stack)))):
-                    raise AssertionError(f"Muon owners do not match the stack layout on rank {r}: {owned}")
+        """The owners (cost-balanced, placement.owner_counts) and `self.layouts`: per
+        same-shape stack, the packed buffer the collectives move (placement.StackLayout; it
+        keeps a group index, since load_state_dict replaces the group dicts)."""
+        stacks = [(gi, stack) for gi, group in enumerate(self.param_groups)
+                  for stack in same_shape_stacks(group["params"])]
+        self.layouts, placements = muon_layouts(stacks, self.comm.world_size,
+                                                [g["ns_steps"] for g in self.param_groups])
         return placements
+
+    def owner_balance(self) -> float:
+        """Newton-Schulz cost of the busiest rank ÷ the mean over ranks (1.0 = even)."""
+        loads = owner_loads(self.layouts, self.placements, self.comm.world_size)
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean else 1.0
 
     @staticmethod
     def hyper(group: dict) -> MuonHyper:
@@ -276,49 +278,50 @@ class Muon(ShardedOptimizer):
         self.check_presence(grads_synced)
         comm, n, rank = self.comm, self.comm.world_size, self.comm.rank
 
-        # 2. reduce: each stack's fp32 gradients, zero-padded to c·N matrices; rank r receives
-        #    the averaged gradients of matrices [r·c, (r+1)·c), the ones it owns
+        # 2. reduce: each stack's fp32 gradients packed by its layout (rank r's matrices at
+        #    [r·chunk, r·chunk + count_r), zeros elsewhere); rank r receives its own chunk
         pending = []
-        for gi, stack in self.stacks:
+        for layout in self.layouts:
+            stack = layout.params
             if all(p.grad is None for p in stack):  # presence is identical on all ranks
                 continue
             rows, cols = as_matrix_shape(stack[0].shape)
-            c = chunk_rows(len(stack), n)
-            send = torch.zeros(c * n, rows, cols, dtype=torch.float32, device=stack[0].device)
-            for i, p in enumerate(stack):
+            send = torch.zeros(layout.chunk * n, rows, cols, dtype=torch.float32, device=stack[0].device)
+            for p, slot in zip(stack, layout.slots):
                 if p.grad is not None:
-                    send[i].copy_(p.grad.reshape(rows, cols))
+                    send[slot].copy_(p.grad.reshape(rows, cols))
             recv, work = comm.reduce_scatter_chunks(send)  # N = 1: `send` itself, no collective
-            pending.append((self.hyper(self.param_groups[gi]), stack, c, send, recv, work))
+            pending.append((self.hyper(self.param_groups[layout.group_index]), layout, send, recv, work))
 
-        # 3. update: per stack, wait for its gradients, step the matrices this rank holds (a
-        #    contiguous run starting at matrix rank·c, so recv[j] is owned[j]), launch the gather
+        # 3. update: per stack, wait for its gradients, step the matrices this rank holds (their
+        #    slots are rank·chunk + j in stack order, so recv[j] is owned[j]), launch the gather
         gathers = []
-        for hp, stack, c, _send, recv, work in pending:
+        for hp, layout, _send, recv, work in pending:
             work.wait()
-            owned = [p for p in stack if self.placement(p).holds(rank)]
+            owned = [p for p in layout.params if self.placement(p).holds(rank)]
             active = [j for j, p in enumerate(owned) if p.grad is not None]
             if active:
                 grads = recv[:len(owned)] if len(active) == len(owned) else recv[active]
                 self.step_stack([owned[j] for j in active], grads, hp)
                 if self.stats is not None:
                     self.stats.matrices += len(active)
+                    self.stats.ns_cost += len(active) * layout.cost
             if n > 1:
                 rows, cols = recv.shape[-2:]
-                mine = torch.zeros(c, rows, cols, dtype=stack[0].dtype, device=recv.device)
+                mine = torch.zeros(layout.chunk, rows, cols, dtype=layout.params[0].dtype, device=recv.device)
                 for j, p in enumerate(owned):
                     mine[j].copy_(p.reshape(rows, cols))
-                out = torch.empty(c * n, rows, cols, dtype=mine.dtype, device=mine.device)
+                out = torch.empty(layout.chunk * n, rows, cols, dtype=mine.dtype, device=mine.device)
                 # `mine` stays referenced until the wait (c10d's Work holds it too; keeping it
                 # here does not depend on that, nor on a backend's stream bookkeeping)
-                gathers.append((stack, mine, out, comm.all_gather(out, mine)))
+                gathers.append((layout, mine, out, comm.all_gather(out, mine)))
 
         # 4. gather: every rank takes the owners' new parameters
-        for stack, _mine, out, work in gathers:
+        for layout, _mine, out, work in gathers:
             work.wait()
-            for i, p in enumerate(stack):
+            for p, slot in zip(layout.params, layout.slots):
                 # planted-bug target (parity_tests/mutants.py)
-                p.copy_(out[i].view_as(p))
+                p.copy_(out[slot].view_as(p))
 
 
 class AdamW(ShardedOptimizer):

@@ -7,7 +7,8 @@ full parameter list (never from which gradients exist in a step, so state never 
     Replicated()        every rank updates the whole parameter and keeps its whole state
                         (N = 1; AdamW's small parameters, whose gradients are all_reduced)
     Owned(r)            rank r updates the whole parameter and keeps its state; the others
-                        receive the new values (Muon at N > 1: it needs whole matrices)
+                        receive the new values (Muon at N > 1: it needs whole matrices;
+                        owners balance the Newton-Schulz cost, owner_counts)
     Rows(n_rows, c)     rank r updates rows [r·c, min((r+1)·c, n_rows)) of dim 0 and keeps
                         that slice of the state (AdamW's ZeRO-2 shards at N > 1)
 
@@ -77,16 +78,82 @@ def same_shape_stacks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(stacks.values())
 
 
-def owner_placements(stacks: list[list[torch.Tensor]], world_size: int) -> dict[torch.Tensor, Placement]:
-    """Muon: matrix i of a K-matrix stack is owned by rank i // ceil(K/N); N = 1 replicates."""
-    if world_size == 1:
-        return {p: Replicated() for stack in stacks for p in stack}
-    out = {}
-    for stack in stacks:
-        c = chunk_rows(len(stack), world_size)
-        # planted-bug target (parity_tests/mutants.py)
-        out.update({p: Owned(i // c) for i, p in enumerate(stack)})
-    return out
+def ns_cost(shape, steps: int = 5) -> int:
+    """Newton-Schulz work of one matrix, steps·s²·(2l + s) multiply-adds with s, l its short
+    and long side: per iteration the s×s Gram matrix (s²·l), its polynomial (s³) and the
+    product with X (s²·l)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    s, l = min(rows, cols), max(rows, cols)
+    return steps * s * s * (2 * l + s)
+
+
+def owner_counts(stacks: list[tuple[int, int]], world_size: int) -> list[list[int]]:
+    """How many matrices of each stack every rank owns, given (K, cost per matrix) per stack.
+
+    Longest processing time first (Graham 1969) within the layout the collectives need: a
+    rank owns ⌊K/N⌋ or ⌈K/N⌉ matrices of a K-matrix stack, so a stack still moves as one
+    reduce_scatter / all_gather of ⌈K/N⌉ matrices per rank, with no more padding than an even
+    split. Stacks go in decreasing cost per matrix (ties: first seen first); each stack's
+    K mod N remainder matrices go one each to the ranks with the least cost so far (ties: the
+    lowest rank). No rank ever carries more than Σ ⌈K/N⌉·cost, the load of rank 0 under the
+    count-based split this replaces (i // ⌈K/N⌉), and the remainders of different stacks no
+    longer pile onto the low ranks. Deterministic: every rank computes the same counts."""
+    load = [0] * world_size
+    counts: list[list[int]] = [[] for _ in stacks]
+    for k in sorted(range(len(stacks)), key=lambda k: (-stacks[k][1], k)):
+        size, cost = stacks[k]
+        base, extra = divmod(size, world_size)
+        got = [base] * world_size
+        for r in sorted(range(world_size), key=lambda r: (load[r], r))[:extra]:
+            got[r] += 1
+        for r in range(world_size):
+            load[r] += got[r] * cost
+        counts[k] = got
+    return counts
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """One same-shape stack as the collectives move it: a packed (chunk·N, rows, cols) buffer
+    in which rank r's matrices sit at [r·chunk, r·chunk + count_r), in stack order.
+    `slots[i]` is where params[i] goes; `cost` is one matrix's ns_cost."""
+    group_index: int
+    params: tuple[torch.Tensor, ...]
+    chunk: int
+    slots: tuple[int, ...]
+    cost: int
+
+
+def muon_layouts(stacks: list[tuple[int, list[torch.Tensor]]], world_size: int,
+                 steps_of_group: list[int]) -> tuple[list[StackLayout], dict[torch.Tensor, Placement]]:
+    """Muon's owners (owner_counts: cost-balanced, each rank a contiguous run of each stack, in
+    rank order) and the buffer layout that goes with them. One rank: everything Replicated."""
+    costs = [ns_cost(stack[0].shape, steps_of_group[gi]) for gi, stack in stacks]
+    counts = owner_counts([(len(stack), cost) for (_, stack), cost in zip(stacks, costs)], world_size)
+    layouts, placements = [], {}
+    for (gi, stack), cost, per_rank in zip(stacks, costs, counts):
+        chunk = max(per_rank)
+        slots, i = [], 0
+        for r, count in enumerate(per_rank):
+            for j in range(count):
+                # planted-bug target (parity_tests/mutants.py)
+                placements[stack[i]] = Owned(r) if world_size > 1 else Replicated()
+                slots.append(r * chunk + j)
+                i += 1
+        layouts.append(StackLayout(gi, tuple(stack), chunk, tuple(slots), cost))
+    return layouts, placements
+
+
+def owner_loads(layouts: list[StackLayout], placements: dict[torch.Tensor, Placement],
+                world_size: int) -> list[int]:
+    """Newton-Schulz cost each rank carries per step (all matrices present)."""
+    loads = [0] * world_size
+    for layout in layouts:
+        for p in layout.params:
+            for r in range(world_size):
+                if placements[p].holds(r):
+                    loads[r] += layout.cost
+    return loads
 
 
 def row_placements(params: list[torch.Tensor], world_size: int, shard_min_numel: int) -> dict[torch.Tensor, Placement]:

@@ -103,9 +103,16 @@ def muon_stats_bytes(s, n):
     return ok, expect
 
 
+# Matrices per rank for 8 of (16, 8) (ns_cost 5·8²·40 = 12800) and 5 of (8, 24) (5·8²·56 = 17920),
+# by hand from placement.owner_counts' rule: the dearer stack first, each rank ⌊K/N⌋ of a stack,
+# the K mod N extras to the least-loaded ranks (ties: lowest). N = 4 splits the 5-stack 2/1/1/1
+# where the count split gave 2/2/1/0.
+MUON_STATS_PER_RANK = {1: [13], 2: [3 + 4, 2 + 4], 3: [2 + 3, 2 + 2, 1 + 3], 4: [2 + 2, 1 + 2, 1 + 2, 1 + 2]}
+
+
 def muon_stats_work(matrices, n):
-    """ceil(K/N) matrices per stack on each rank."""
-    return sum(matrices) == 13 and max(matrices) == math.ceil(8 / n) + math.ceil(5 / n)
+    """ceil(K/N) or floor(K/N) matrices per stack on each rank, as MUON_STATS_PER_RANK."""
+    return matrices == MUON_STATS_PER_RANK[n] and max(matrices) <= math.ceil(8 / n) + math.ceil(5 / n)
 
 
 MUON_DIFF_KW = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, cautious_weight_decay=True,

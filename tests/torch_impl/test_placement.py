@@ -19,7 +19,10 @@ from torch_impl.placement import (
     Replicated,
     Rows,
     chunk_rows,
-    owner_placements,
+    muon_layouts,
+    ns_cost,
+    owner_counts,
+    owner_loads,
     row_placements,
     same_shape_stacks,
 )
@@ -74,7 +77,7 @@ def test_replicated_and_owned():
     assert Owned(2).local_rows(2) is None
 
 
-# ---- same_shape_stacks / owner_placements (Muon) -------------------------------------------
+# ---- same_shape_stacks (Muon) -------------------------------------------
 
 SHAPES = [(4, 4), (8, 4), (4, 2, 2)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -93,33 +96,75 @@ def test_same_shape_stacks_group_by_shape_and_dtype_in_first_seen_order(specs):
     assert all([order[id(p)] for p in s] == sorted(order[id(p)] for p in s) for s in stacks)
 
 
-@given(counts=st.lists(st.integers(1, 20), min_size=1, max_size=4), world_size=world_sizes)
-def test_owner_placements_give_matrix_i_to_rank_i_div_ceil_K_over_N(counts, world_size):
-    stacks = [[torch.zeros(k + 1, 3) for _ in range(count)] for k, count in enumerate(counts)]
-    places = owner_placements(stacks, world_size)
-    assert len(places) == sum(counts)
-    if world_size == 1:
-        assert all(place == Replicated() for place in places.values())
-        return
-    for stack in stacks:
-        c = math.ceil(len(stack) / world_size)
+# ---- owner_counts / muon_layouts (Muon owners by Newton-Schulz cost) -----------------------
+
+def test_ns_cost_is_steps_s2_2l_plus_s():
+    assert ns_cost((768, 3072)) == 5 * 768**2 * (2 * 3072 + 768)
+    assert ns_cost((3072, 768)) == ns_cost((768, 3072))  # orientation-free
+    assert ns_cost((4, 2, 3), steps=2) == 2 * 4**2 * (2 * 6 + 4)  # N-D: (shape[0], rest)
+
+
+def layouts_for(sizes_and_shapes, world_size, steps=5):
+    stacks = [(0, [torch.zeros(shape) for _ in range(k)]) for k, shape in sizes_and_shapes]
+    return stacks, *muon_layouts(stacks, world_size, [steps])
+
+
+stack_specs = st.lists(st.tuples(st.integers(1, 12), st.sampled_from([(4, 4), (8, 4), (4, 16), (16, 16)])),
+                       min_size=1, max_size=5)
+
+
+@given(specs=stack_specs, world_size=world_sizes)
+def test_each_rank_owns_floor_or_ceil_of_each_stack_as_one_contiguous_run(specs, world_size):
+    stacks, layouts, places = layouts_for(specs, world_size)
+    assert len(places) == sum(k for k, _ in specs)
+    for (_, stack), layout in zip(stacks, layouts):
+        K = len(stack)
+        if world_size == 1:
+            assert all(places[p] == Replicated() for p in stack) and layout.slots == tuple(range(K))
+            continue
         owners = [places[p].owner for p in stack]
-        assert all(isinstance(places[p], Owned) for p in stack)
-        assert owners == [i // c for i in range(len(stack))]
-        assert all(0 <= o < world_size for o in owners)
-        # at most ceil(K/N) matrices per rank, as contiguous runs (the reduce_scatter chunks)
-        assert max(owners.count(r) for r in range(world_size)) == c
-        assert owners == sorted(owners)
+        counts = [owners.count(r) for r in range(world_size)]
+        assert set(counts) <= {K // world_size, -(-K // world_size)} and sum(counts) == K
+        assert owners == sorted(owners)  # contiguous runs in rank order
+        # no more padding than an even split: chunk = ceil(K/N)
+        assert layout.chunk == math.ceil(K / world_size)
+        # rank r's matrices fill [r·chunk, r·chunk + count_r) of the packed buffer, in order
         for r in range(world_size):
-            assert [places[p].holds(r) for p in stack] == [o == r for o in owners]
+            mine = [slot for slot, o in zip(layout.slots, owners) if o == r]
+            assert mine == list(range(r * layout.chunk, r * layout.chunk + counts[r]))
 
 
-def test_owner_placements_examples():
-    stack = [torch.zeros(2, 2) for _ in range(5)]
-    assert [owner_placements([stack], 2)[p] for p in stack] == [Owned(0)] * 3 + [Owned(1)] * 2
-    assert [owner_placements([stack], 4)[p].owner for p in stack] == [0, 0, 1, 1, 2]  # rank 3: none
-    assert [owner_placements([stack], 8)[p].owner for p in stack] == [0, 1, 2, 3, 4]  # K < N
-    assert set(owner_placements([stack], 1).values()) == {Replicated()}
+@given(specs=stack_specs, world_size=world_sizes)
+def test_cost_balanced_owners_never_load_a_rank_more_than_the_count_split(specs, world_size):
+    """The count-based split (matrix i → rank i // ceil(K/N)) loads rank 0 with Σ ceil(K/N)·cost;
+    the cost-balanced owners never exceed it, and every rank's load is accounted for."""
+    _, layouts, places = layouts_for(specs, world_size)
+    loads = owner_loads(layouts, places, world_size)
+    by_count_rank0 = sum(math.ceil(len(lay.params) / world_size) * lay.cost for lay in layouts)
+    assert max(loads) <= by_count_rank0
+    assert sum(loads) == sum(len(lay.params) * lay.cost for lay in layouts)  # each matrix on one rank
+
+
+def test_remainders_of_different_stacks_go_to_different_ranks():
+    # one 768x3072 matrix (cost 3 units) and one 768x768 (1 unit) at N = 2: the count split put
+    # both on rank 0 (loads 4 : 0, balance 2.0); by cost they land on ranks 0 and 1 (3 : 1, 1.5)
+    _, layouts, places = layouts_for([(1, (768, 3072)), (1, (768, 768))], 2)
+    assert [places[lay.params[0]] for lay in layouts] == [Owned(0), Owned(1)]
+    loads = owner_loads(layouts, places, 2)
+    assert loads[0] == 3 * loads[1]
+    assert max(loads) / (sum(loads) / 2) == 1.5
+
+
+def test_owner_counts_by_hand():
+    # the stats case of tests/dist: 8 matrices of cost 2560 and 5 of cost 3584 (per step unit).
+    # The dearer stack goes first: its K mod N extras to the lowest ranks; the cheaper stack's
+    # extras then to the least-loaded ranks.
+    stacks = [(8, 2560), (5, 3584)]
+    assert owner_counts(stacks, 1) == [[8], [5]]
+    assert owner_counts(stacks, 2) == [[4, 4], [3, 2]]
+    assert owner_counts(stacks, 3) == [[3, 2, 3], [2, 2, 1]]
+    assert owner_counts(stacks, 4) == [[2, 2, 2, 2], [2, 1, 1, 1]]  # the count split: [2, 2, 1, 0]
+    assert owner_counts([(2, 1)], 5) == [[1, 1, 0, 0, 0]]  # K < N
 
 
 # ---- row_placements (AdamW) ----------------------------------------------------------------
