@@ -15,9 +15,24 @@ from jax_reference.adamw import adamw
 from jax_reference.muon import muon
 from jax_reference.nonfinite import guard_nonfinite
 
+# Module wrappers of the torch side rename parameters (torch.compile's "_orig_mod.",
+# activation checkpointing's "_checkpoint_wrapped_module.", FSDP1's "_fsdp_wrapped_module.", a
+# leading DDP "module."); names exported from such a model are labelled by the canonical name.
+WRAPPER_SEGMENTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def canonical_name(name: str) -> str:
+    """The parameter's name in the unwrapped model."""
+    parts = [part for part in name.split(".") if part not in WRAPPER_SEGMENTS]
+    if parts[:1] == ["module"]:
+        parts = parts[1:]
+    return ".".join(parts)
+
 
 def label_param(name: str, shape) -> str:
-    """Group of a parameter ("muon", "embedding", "unembedding" or "scalar"), §10 eq. (14)."""
+    """Group of a parameter ("muon", "embedding", "unembedding" or "scalar") by its canonical
+    name, §10 eq. (14)."""
+    name = canonical_name(name)
     if len(shape) >= 2 and name.startswith("transformer.h."):
         return "muon"
     if "wte" in name:

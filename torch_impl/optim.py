@@ -472,8 +472,25 @@ class DistAdamW(AdamW):
 GROUPS = ("muon", "embedding", "unembedding", "scalar")
 
 
+# Wrappers rename modules: torch.compile adds "_orig_mod.", activation checkpointing
+# "_checkpoint_wrapped_module.", FSDP1 "_fsdp_wrapped_module.", DDP a leading "module.". A
+# split on raw names would misroute the wrapped parameters (a trap seen elsewhere), so it is
+# decided on the canonical name.
+WRAPPER_SEGMENTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def canonical_name(name: str) -> str:
+    """The parameter's name in the unwrapped model."""
+    parts = [part for part in name.split(".") if part not in WRAPPER_SEGMENTS]
+    if parts[:1] == ["module"]:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
 def label_param(name: str, shape) -> str:
-    """Which optimizer group a parameter joins; the first matching rule wins."""
+    """Which optimizer group a parameter joins (on its canonical name); the first matching
+    rule wins."""
+    name = canonical_name(name)
     if len(shape) >= 2 and name.startswith("transformer.h."):
         return "muon"
     if "wte" in name:
@@ -571,6 +588,10 @@ def hybrid(
 ) -> HybridOptimizer:
     """Split parameters the nanochat way and build the optimizer pair.
 
+    Parameters are labelled and named (in messages and checkpoints) by their canonical name,
+    so a compiled or checkpoint-wrapped model splits like the plain one; block parameters
+    that none can go to Muon raise (a flattening wrapper would otherwise make the run
+    AdamW-only without a word).
     The three AdamW groups' learning rates are multiplied by (model_dim/768)^-½ when
     `model_dim` is given; `muon_kwargs` go to Muon (momentum, weight_decay, ...).
     `matrix_optimizer="adamw"` is the AdamW-only baseline: the block matrices form a fourth
@@ -579,9 +600,19 @@ def hybrid(
     if matrix_optimizer not in ("muon", "adamw"):
         raise ValueError(f"matrix_optimizer must be 'muon' or 'adamw', got {matrix_optimizer!r}")
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {k: [] for k in GROUPS}
+    blocks = []
     for name, p in named_params:
         if p.requires_grad:
+            name = canonical_name(name)
             groups[label_param(name, p.shape)].append((name, p))
+            if name.startswith("transformer.h."):
+                blocks.append((name, tuple(p.shape)))
+    if matrix_optimizer == "muon" and blocks and not groups["muon"]:
+        # e.g. parameters flattened to 1-D by a ZeRO-3 / FSDP1 wrapper: Muon would silently
+        # get nothing and the run would be AdamW-only
+        raise ValueError(f"the model has {len(blocks)} block parameters but none can go to Muon (none has "
+                         f"≥ 2 dims: {blocks[:4]}...); were they flattened by a wrapper? Pass "
+                         "matrix_optimizer='adamw' for an AdamW-only run")
     width = 1.0 if model_dim is None else (model_dim / 768) ** -0.5
     adam_lrs = {"embedding": embedding_lr, "unembedding": unembedding_lr, "scalar": scalar_lr}
     adam_groups = [

@@ -49,12 +49,20 @@ def build_optimizer(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype, distrib
     """nanochat's split (optim.hybrid): Muon for the block matrices (or AdamW with --optimizer adamw), AdamW
     (betas (0.8, 0.95), eps 1e-10) for the embedding, lm_head and scalars, their lrs scaled by
     (n_embd/768)^-0.5. --weight-decay is the block matrices' (decoupled); the rest is not decayed."""
-    return hybrid(model.named_parameters(), matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                  unembedding_lr=cfg.unembedding_lr, model_dim=model.config.n_embd, distributed=distributed,
-                  matrix_optimizer="adamw" if cfg.optimizer == "adamw" else "muon",
-                  adamw_matrix_lr=cfg.adamw_matrix_lr, weight_decay=cfg.weight_decay,
-                  orthogonalizer=cfg.orthogonalizer, ns_steps=cfg.ns_steps, ns_dtype=ns_dtype,
-                  normuon_beta2=cfg.normuon_beta2, cautious_weight_decay=cfg.cautious_wd)
+    opt = hybrid(model.named_parameters(), matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                 unembedding_lr=cfg.unembedding_lr, model_dim=model.config.n_embd, distributed=distributed,
+                 matrix_optimizer="adamw" if cfg.optimizer == "adamw" else "muon",
+                 adamw_matrix_lr=cfg.adamw_matrix_lr, weight_decay=cfg.weight_decay,
+                 orthogonalizer=cfg.orthogonalizer, ns_steps=cfg.ns_steps, ns_dtype=ns_dtype,
+                 normuon_beta2=cfg.normuon_beta2, cautious_weight_decay=cfg.cautious_wd)
+    # Every block holds 6 matrices (attn c_q, c_k, c_v, c_proj; mlp c_fc, c_proj): a wrapper that
+    # renamed or flattened them would otherwise turn the run into AdamW-only without a word.
+    if cfg.optimizer == "hybrid":
+        routed = sum(len(g["params"]) for g in opt.optimizers["muon"].param_groups) if "muon" in opt.optimizers else 0
+        if routed != 6 * model.config.n_layer:
+            raise RuntimeError(f"{routed} parameters went to Muon, the model has {6 * model.config.n_layer} block "
+                               "matrices: the Muon/AdamW split is misrouting parameters")
+    return opt
 
 
 @torch.no_grad()

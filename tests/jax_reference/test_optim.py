@@ -2,7 +2,9 @@
 
 import jax
 import numpy as np
+import pytest
 
+from jax_reference import optim as JO
 from jax_reference.adamw import adamw
 from jax_reference.muon import muon
 from jax_reference.optim import hybrid, label_param
@@ -60,3 +62,15 @@ def test_hybrid_skip_skips_every_group():
     for u in jax.tree.leaves(updates):
         np.testing.assert_array_equal(u, 0.0)
     jax.tree.map(np.testing.assert_array_equal, new_state, state)
+
+
+@pytest.mark.parametrize("wrapped,canonical", [
+    ("_orig_mod.transformer.h.0.attn.c_q.weight", "transformer.h.0.attn.c_q.weight"),
+    ("transformer.h.0._checkpoint_wrapped_module.attn.c_q.weight", "transformer.h.0.attn.c_q.weight"),
+    ("module.lm_head.weight", "lm_head.weight"),
+    ("transformer.h.0.mlp.module.weight", "transformer.h.0.mlp.module.weight"),  # only a leading "module."
+])
+def test_labels_use_the_canonical_name(wrapped, canonical):
+    assert JO.canonical_name(wrapped) == canonical
+    assert JO.label_param(wrapped, (8, 8)) == JO.label_param(canonical, (8, 8))
+    assert JO.label_param("_orig_mod.transformer.h.0.attn.c_q.weight", (8, 8)) == "muon"
