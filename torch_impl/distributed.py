@@ -259,7 +259,9 @@ def grad_flags(comm: Comm, param_groups: list[dict], check_finite: bool) -> list
     grads = [p.grad for _, p in named]
     present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=dev)
     if check_finite and any(g is not None for g in grads):
-        finite = [torch.isfinite(g).all() for g in grads if g is not None]
+        # a DTensor gradient (FSDP2) is checked on this rank's shard; the MAX below is global
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None]
+        finite = [torch.isfinite(g).all() for g in local]
         bad = torch.zeros(len(grads), dtype=torch.int32, device=dev)
         bad[present.bool()] = (~torch.stack(finite)).to(device=dev, dtype=torch.int32)
     else:

@@ -19,8 +19,9 @@ Where each parameter's work and state live is `placement(p)` (torch_impl/placeme
 computed once at construction from the full parameter list: Muon gives each matrix one owner
 rank, balancing the ranks' Newton-Schulz cost (placement.owner_counts; ZeRO-1/2 style: state
 on the owner only), and packs each same-shape stack by that layout (placement.StackLayout);
-AdamW splits large parameters by rows (ZeRO-2) and replicates small ones. At one rank
-everything is Replicated.
+AdamW splits large parameters by rows (ZeRO-2) and replicates small ones, and takes FSDP2
+DTensor parameters as ShardedRows (its rows, gradient already reduced by FSDP: no collective).
+At one rank everything is Replicated.
 
 Communication per step at N ranks: reduce_scatter + all_gather send 2·(N−1)/N of the stacks'
 bytes per rank, the same as one all_reduce of the gradients, while Newton-Schulz work per rank
@@ -40,6 +41,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from torch_impl.adamw import adamw_step
 from torch_impl.distributed import (
@@ -60,7 +62,15 @@ from torch_impl.muon import (
     resolve_orthogonalizer,
 )
 from torch_impl.nonfinite import check_policy, gradients_ok
-from torch_impl.placement import Placement, Rows, muon_layouts, owner_loads, row_placements, same_shape_stacks
+from torch_impl.placement import (
+    Placement,
+    Rows,
+    ShardedRows,
+    muon_layouts,
+    owner_loads,
+    row_placements,
+    same_shape_stacks,
+)
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -218,6 +228,10 @@ class Muon(ShardedOptimizer):
                     as_matrix_shape(p.shape)
                 except ValueError as e:
                     raise ValueError(f"parameter {name}: {e}") from None
+                if isinstance(p, DTensor):
+                    raise ValueError(f"parameter {name} is a DTensor (FSDP2): Muon on parameter-sharded "
+                                     "models is not supported yet (AdamW is); shard the optimizer state only "
+                                     "(DistMuon over whole parameters)")
 
     def place(self) -> dict[torch.Tensor, Placement]:
         """The owners (cost-balanced, placement.owner_counts) and `self.layouts`: per
@@ -345,6 +359,9 @@ class AdamW(ShardedOptimizer):
                          nonfinite=nonfinite, process_group=process_group, track_stats=track_stats,
                          check_hyper=check_hyper, signature_extra=f"shard_min_numel={shard_min_numel}\n")
 
+    def check_params(self) -> None:
+        self.place()  # a DTensor laid out other than FSDP2's, or mixed with plain tensors, raises
+
     def place(self) -> dict[torch.Tensor, Placement]:
         params = [p for g in self.param_groups for p in g["params"]]
         return row_placements(params, self.comm.world_size, self.shard_min_numel)
@@ -387,12 +404,15 @@ class AdamW(ShardedOptimizer):
 
         # 2. reduce: row-sharded parameters' fp32 gradients, zero-padded to c·N rows, each
         #    reduce_scattered; the replicated ones' gradients in one flat all_reduce (N > 1 only)
-        sharded, small = [], []
+        sharded, small, fsdp = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:  # presence is identical on all ranks
                     continue
                 place = self.placement(p)
+                if isinstance(place, ShardedRows):  # FSDP2 reduced the gradient already
+                    fsdp.append((group, p))
+                    continue
                 if not isinstance(place, Rows):
                     small.append((group, p))
                     continue
@@ -419,6 +439,15 @@ class AdamW(ShardedOptimizer):
             mine[:end - start].copy_(p[start:end])
             out = torch.empty(place.chunk * n, *p.shape[1:], dtype=p.dtype, device=p.device)
             gathers.append((p, mine, out, comm.all_gather(out, mine)))  # `mine` kept alive to the wait
+
+        #    FSDP2 parameters: this rank's rows of the parameter and of its reduced gradient
+        for group in self.param_groups:
+            mine = [p for grp, p in fsdp if grp is group and p.to_local().numel()]
+            if mine:
+                # planted-bug target (parity_tests/mutants.py)
+                self.update(mine, [p.to_local() for p in mine], [p.grad.to_local() for p in mine], group)
+                if self.stats is not None:
+                    self.stats.elements += sum(p.to_local().numel() for p in mine)
 
         #    the replicated parameters: averaged gradients, updated whole on every rank
         if small:

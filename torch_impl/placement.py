@@ -11,6 +11,7 @@ full parameter list (never from which gradients exist in a step, so state never 
                         owners balance the Newton-Schulz cost, owner_counts)
     Rows(n_rows, c)     rank r updates rows [r·c, min((r+1)·c, n_rows)) of dim 0 and keeps
                         that slice of the state (AdamW's ZeRO-2 shards at N > 1)
+    ShardedRows(n, c)   the same rows, of a parameter that is itself sharded (FSDP2 DTensor)
 
 The splits are those of ZeRO (Rajbhandari et al., https://arxiv.org/abs/1910.02054) as nanochat
 uses them: c = ceil(n/N) after zero padding, the same uneven split as torch.chunk and DTensor's
@@ -65,7 +66,30 @@ class Rows:
         return min(rank * self.chunk, self.n_rows), min((rank + 1) * self.chunk, self.n_rows)
 
 
-Placement = Replicated | Owned | Rows
+@dataclass(frozen=True)
+class ShardedRows(Rows):
+    """The parameter itself is split by rows: an FSDP2 DTensor (fully_shard; Shard(0) on a 1-D
+    mesh). Rank r holds rows local_rows(r) of the parameter and of its gradient, which FSDP has
+    already reduced, so the update needs no collective of its own. The split is torch.chunk's,
+    the same as Rows, so checkpoints treat both alike."""
+
+
+Placement = Replicated | Owned | Rows | ShardedRows
+
+
+def sharded_rows(p: torch.Tensor, world_size: int) -> ShardedRows | None:
+    """ShardedRows for an FSDP2 DTensor parameter, None for a plain tensor; ValueError for a
+    DTensor laid out any other way."""
+    from torch.distributed.tensor import DTensor, Shard
+    if not isinstance(p, DTensor):
+        return None
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} is laid out as {p.placements}; "
+                         "only Shard(0) on a 1-D mesh (FSDP2's fully_shard) is supported")
+    if p.device_mesh.size() != world_size:
+        raise ValueError(f"a DTensor parameter lives on a mesh of {p.device_mesh.size()} ranks, the optimizer "
+                         f"shards over {world_size}: pass the mesh's process group")
+    return ShardedRows(p.shape[0], chunk_rows(p.shape[0], world_size))
 
 
 def same_shape_stacks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -158,7 +182,16 @@ def owner_loads(layouts: list[StackLayout], placements: dict[torch.Tensor, Place
 
 def row_placements(params: list[torch.Tensor], world_size: int, shard_min_numel: int) -> dict[torch.Tensor, Placement]:
     """AdamW: parameters of ≥ `shard_min_numel` elements (and ≥ 1 dim) are split by rows at
-    N > 1; smaller ones (biases, gains, scalars) are not worth a collective each."""
+    N > 1; smaller ones (biases, gains, scalars) are not worth a collective each. FSDP2
+    DTensor parameters are ShardedRows; they cannot be mixed with plain ones (a parameter FSDP
+    left unsharded would get another layout on every rank than its neighbours)."""
+    sharded = {p: sharded_rows(p, world_size) for p in params}
+    if any(sharded.values()):
+        plain = [tuple(p.shape) for p, s in sharded.items() if s is None]
+        if plain:
+            raise ValueError(f"FSDP2 DTensor parameters mixed with {len(plain)} plain tensors (shapes {plain[:4]}): "
+                             "shard every parameter with fully_shard, or none")
+        return sharded
     out = {}
     for p in params:
         if world_size > 1 and p.ndim >= 1 and p.numel() >= shard_min_numel:
