@@ -112,11 +112,27 @@ ORTHOGONALIZERS = {"newton_schulz": functools.partial(newton_schulz, check_finit
 NS_EPS = 1e-7  # added to the Frobenius norm so a zero matrix maps to zero (newton_schulz's default)
 
 
+def check_orthogonalizer(orthogonalizer: str | Callable, ns_steps: int, ns_dtype: torch.dtype) -> None:
+    """ValueError for an unknown name, a non-callable, or a callable that cannot be called as
+    f(X, *, steps, eps, compute_dtype). Muon runs it at construction (collectively): at the
+    first step only the ranks that own matrices would call it, and the others would wait."""
+    resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # names and non-callables
+    if isinstance(orthogonalizer, str):
+        return
+    try:
+        inspect.signature(orthogonalizer).bind(None, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)
+    except TypeError as e:
+        raise ValueError(f"orthogonalizer {orthogonalizer!r} must accept f(X, *, steps, eps, "
+                         f"compute_dtype): {e}") from None
+    except ValueError:
+        pass  # no signature to inspect (some builtins): trust the caller
+
+
 def resolve_orthogonalizer(
     orthogonalizer: str | Callable, ns_steps: int, ns_dtype: torch.dtype
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Bind a name, or a callable f(X, *, steps, eps, compute_dtype) (the same signature as
-    jax_reference's), to Muon's settings."""
+    jax_reference's; see check_orthogonalizer), to Muon's settings."""
     if isinstance(orthogonalizer, str):
         if orthogonalizer not in ORTHOGONALIZERS:
             raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; "
@@ -124,15 +140,5 @@ def resolve_orthogonalizer(
         orthogonalizer = ORTHOGONALIZERS[orthogonalizer]
     elif not callable(orthogonalizer):
         raise ValueError(f"orthogonalizer must be a name or a callable, got {orthogonalizer!r}")
-    else:
-        # checked here, at construction (collectively), not at the first step: there only the
-        # ranks that own matrices would call it, and the others would wait for them
-        try:
-            inspect.signature(orthogonalizer).bind(None, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)
-        except TypeError as e:
-            raise ValueError(f"orthogonalizer {orthogonalizer!r} must accept f(X, *, steps, eps, "
-                             f"compute_dtype): {e}") from None
-        except ValueError:
-            pass  # no signature to inspect (some builtins): trust the caller
     fn = orthogonalizer
     return lambda X: fn(X, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)

@@ -57,6 +57,7 @@ from torch_impl.muon import (
     SHAPE_SCALES,
     MuonHyper,
     as_matrix_shape,
+    check_orthogonalizer,
     muon_step,
     normuon_state_shape,
     resolve_orthogonalizer,
@@ -94,6 +95,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             super().__init__(params, defaults)
             self.nonfinite = check_policy(nonfinite)
             self.check_params()
+            placements = self.place()  # may raise too: a DTensor laid out other than FSDP2's
         except ValueError as e:
             error = e
         local = str(error) if error else (local_device_error(self.param_groups) if self.comm.world_size > 1
@@ -105,7 +107,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if error:
                 raise error from None
             raise
-        self.placements: dict[torch.Tensor, Placement] = self.place()
+        self.placements: dict[torch.Tensor, Placement] = placements
 
     @property
     def stats(self):
@@ -146,7 +148,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         rank (one all_reduce; raises on every rank if a gradient is present on some only)."""
         return grad_flags(self.comm, param_groups, check_finite=True)
 
-    def check_presence(self, grads_synced: bool) -> None:
+    def begin_update(self, grads_synced: bool) -> None:
+        """Start of phases 2-4: count the step; without phase 1, check gradient presence."""
+        if self.stats is not None:
+            self.stats.steps += 1
         if not grads_synced and self.comm.world_size > 1:
             grad_flags(self.comm, self.param_groups, check_finite=False)
 
@@ -160,8 +165,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if check_finite and not gradients_ok(self.nonfinite, self.bad_gradients(self.param_groups)):
             return loss
-        if self.stats is not None:
-            self.stats.steps += 1
         self.apply_update(grads_synced=check_finite)
         return loss
 
@@ -212,7 +215,7 @@ class Muon(ShardedOptimizer):
                 raise ValueError(f"normuon_beta2 must be in [0, 1) or None, got {normuon_beta2}")
             if shape_scale not in SHAPE_SCALES:
                 raise ValueError(f"unknown shape_scale {shape_scale!r}; valid: {', '.join(SHAPE_SCALES)}")
-            resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # validate early
+            check_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # here, not at every step
 
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         orthogonalizer=orthogonalizer, weight_decay=weight_decay,
@@ -289,12 +292,13 @@ class Muon(ShardedOptimizer):
 
     @torch.no_grad()
     def apply_update(self, grads_synced: bool = False) -> None:
-        self.check_presence(grads_synced)
+        self.begin_update(grads_synced)
         comm, n, rank = self.comm, self.comm.world_size, self.comm.rank
 
         # 2. reduce: each stack's fp32 gradients packed by its layout (rank r's matrices at
         #    [r·chunk, r·chunk + count_r), zeros elsewhere); rank r receives its own chunk
         pending = []
+        hypers = [self.hyper(group) for group in self.param_groups]  # once per group, not per stack
         for layout in self.layouts:
             stack = layout.params
             if all(p.grad is None for p in stack):  # presence is identical on all ranks
@@ -305,7 +309,7 @@ class Muon(ShardedOptimizer):
                 if p.grad is not None:
                     send[slot].copy_(p.grad.reshape(rows, cols))
             recv, work = comm.reduce_scatter_chunks(send)  # N = 1: `send` itself, no collective
-            pending.append((self.hyper(self.param_groups[layout.group_index]), layout, send, recv, work))
+            pending.append((hypers[layout.group_index], layout, send, recv, work))
 
         # 3. update: per stack, wait for its gradients, step the matrices this rank holds (their
         #    slots are rank·chunk + j in stack order, so recv[j] is owned[j]), launch the gather
@@ -359,9 +363,6 @@ class AdamW(ShardedOptimizer):
                          nonfinite=nonfinite, process_group=process_group, track_stats=track_stats,
                          check_hyper=check_hyper, signature_extra=f"shard_min_numel={shard_min_numel}\n")
 
-    def check_params(self) -> None:
-        self.place()  # a DTensor laid out other than FSDP2's, or mixed with plain tensors, raises
-
     def place(self) -> dict[torch.Tensor, Placement]:
         params = [p for g in self.param_groups for p in g["params"]]
         return row_placements(params, self.comm.world_size, self.shard_min_numel)
@@ -399,7 +400,7 @@ class AdamW(ShardedOptimizer):
 
     @torch.no_grad()
     def apply_update(self, grads_synced: bool = False) -> None:
-        self.check_presence(grads_synced)
+        self.begin_update(grads_synced)
         comm, n, rank = self.comm, self.comm.world_size, self.comm.rank
 
         # 2. reduce: row-sharded parameters' fp32 gradients, zero-padded to c·N rows, each
@@ -571,8 +572,6 @@ class HybridOptimizer:
         if not self.gradients_ok():
             return False
         for opt in self.optimizers.values():
-            if opt.stats is not None:
-                opt.stats.steps += 1
             opt.apply_update(grads_synced=True)
         return True
 

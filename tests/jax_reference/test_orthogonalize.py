@@ -19,6 +19,7 @@ from jax_reference.orthogonalize import (
     polar_express,
     polynomial_oracle,
 )
+from tests.orthogonalizer_bad_inputs import BAD_INPUTS
 
 DIMS = st.sampled_from([8, 16, 32, 48])
 SEEDS = st.integers(0, 2**32 - 1)
@@ -235,15 +236,8 @@ def test_bad_schedule_raises(kwargs, message):
         polynomial_oracle(G, kwargs.get("coeffs", NS5_COEFFS), kwargs.get("steps", 5))
 
 
-# The same bad inputs as the torch side's (tests/torch_impl/test_orthogonalize.py), through
-# the public entry point with default arguments.
-BAD_INPUTS = {
-    "integer dtype": (np.ones((4, 4), np.int32), "floating"),
-    "one dimension": (np.ones((4,), np.float32), "rows, cols|ndim"),
-    "empty matrix": (np.ones((0, 4), np.float32), "empty"),
-    "nan": (np.full((4, 4), np.nan, np.float32), "NaN|nan|finite"),
-    "inf": (np.full((4, 4), np.inf, np.float32), "NaN|nan|finite|inf"),
-}
+# The bad inputs shared with the torch side (tests/orthogonalizer_bad_inputs.py), through the
+# public entry point with default arguments.
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

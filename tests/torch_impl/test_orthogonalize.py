@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.orthogonalizer_bad_inputs import BAD_INPUTS
 from torch_impl.orthogonalize import (
     NS5_COEFFS,
     POLAR_EXPRESS_COEFFS,
@@ -23,13 +24,6 @@ from torch_impl.orthogonalize import (
 
 # ---- bad input -------------------------------------------------------------------------
 
-BAD_INPUTS = {
-    "integer dtype": (np.ones((4, 4), np.int32), "floating"),
-    "one dimension": (np.ones((4,), np.float32), "rows, cols|ndim"),
-    "empty matrix": (np.ones((0, 4), np.float32), "empty"),
-    "nan": (np.full((4, 4), np.nan, np.float32), "NaN|nan|finite"),
-    "inf": (np.full((4, 4), np.inf, np.float32), "NaN|nan|finite|inf"),
-}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
