@@ -3,7 +3,10 @@ Training checkpoints: everything a run needs to continue as if it had never stop
 
 A checkpoint is a directory `<out_dir>/checkpoints/step_NNNNNN/`:
 
-    model/               model state dict, torch.distributed.checkpoint (DCP) format
+    model/               model state dict, torch.distributed.checkpoint (DCP) format, under the
+                         unwrapped model's names (get_model_state_dict: checkpoint and compile
+                         wrappers removed); FSDP2 runs write their row shards, and any run loads
+                         any other's (DCP reads the overlapping chunks)
     optimizer/           optimizer state, DCP via torch_impl.opt_checkpoint (sharded DistMuon /
                          DistAdamW state is resharded on load, so N ranks can resume on M)
     rng/rank{r}.pt       each rank's torch / CUDA / Python / NumPy RNG states
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from torch_impl.gpt import GPT, GPTConfig
 from torch_impl.opt_checkpoint import load_optimizer, save_optimizer
@@ -169,7 +173,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
         tmp.mkdir(parents=True)
     _barrier()
     with _quiet_no_dist():
-        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp / "model", no_dist=not _distributed())
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp / "model", no_dist=not _distributed())
     save_optimizer(optimizer, tmp / "optimizer")
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
@@ -196,11 +200,12 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
 # loading
 
 def load_model_state(ckpt: str | os.PathLike, model: GPT) -> None:
-    """Load the weights in place (all ranks read the full, replicated state)."""
-    state = {"model": model.state_dict()}
+    """Load the weights in place: each rank reads what it holds (the whole model, or its FSDP2 rows),
+    whatever the sharding and world size at save time."""
+    state = {"model": get_model_state_dict(model)}
     with _quiet_no_dist():
         dcp.load(state, checkpoint_id=Path(ckpt) / "model", no_dist=not _distributed())
-    model.load_state_dict(state["model"])
+    set_model_state_dict(model, state["model"])
 
 
 def load_training_state(ckpt: str | os.PathLike, model: GPT, optimizer, rank: int = 0) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -127,6 +128,15 @@ class TrainConfig:
     seed: int = flag(0, SYSTEM, "seed of the weight init and of sampling")
     device: str = flag("auto", SYSTEM, "auto (cuda if available), cpu or cuda")
     compile: bool = flag(False, SYSTEM, "torch.compile the model for training")
+    sharding: str = flag("zero2", SYSTEM, "how the ranks split the training state. zero2: every rank holds the whole "
+                                          "model; optimizer state and work split over ranks (DistMuon / DistAdamW). "
+                                          "fsdp: FSDP2 (fully_shard per block): parameters, gradients and optimizer "
+                                          "state split by rows, each block gathered for its compute; bf16 compute over "
+                                          "fp32 master weights on CUDA. No difference at one process",
+                         choices=("zero2", "fsdp"))
+    activation_checkpointing: bool = flag(False, SYSTEM, "recompute each transformer block's forward during backward "
+                                                         "instead of keeping its activations (less memory, ~1/3 more "
+                                                         "compute)")
     peak_flops: float | None = flag(None, SYSTEM, "peak FLOP/s of one device, for MFU (default: a table of GPUs; "
                                                   "none on CPU)")
 
@@ -171,8 +181,24 @@ class TrainConfig:
     @classmethod
     def from_argv(cls, argv: list[str] | None = None) -> TrainConfig:
         """Parse the command line (sys.argv[1:] when argv is None); argparse's own errors exit with code 2.
-        Not validated: call validate()."""
-        return cls(**vars(cls.parser().parse_args(argv)))
+        A value flag given twice keeps the last (scripts append overrides), but a choice flag given twice
+        with different values is an error: `--sharding zero2 ... --sharding fsdp` asks for two modes at
+        once. Not validated: call validate()."""
+        parser = cls.parser()
+        argv = sys.argv[1:] if argv is None else argv
+        chosen: dict[str, str] = {}
+        for i, arg in enumerate(argv):
+            if arg == "--":
+                break
+            name, eq, value = arg.partition("=")
+            action = parser._option_string_actions.get(name)
+            if action is None or not action.choices:
+                continue
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if chosen.get(action.dest, value) != value:
+                parser.error(f"{name} given twice ({chosen[action.dest]}, {value}): choose one")
+            chosen[action.dest] = value
+        return cls(**vars(parser.parse_args(argv)))
 
     def to_dict(self) -> dict:
         """The flags as a JSON-able dict, in declaration order (config.json and checkpoints store it)."""

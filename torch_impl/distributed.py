@@ -36,6 +36,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 DEFAULT_TIMEOUT = timedelta(seconds=300)
 
@@ -133,8 +134,8 @@ class CommStats:
         self.bytes_sent.clear(), self.payload.clear(), self.calls.clear()
         self.matrices = self.ns_cost = self.elements = self.steps = 0
 
-    def add(self, kind: str, full_bytes: int, ring_factor: float) -> None:
-        self.bytes_sent[kind] = self.bytes_sent.get(kind, 0.0) + ring_factor * full_bytes
+    def add(self, kind: str, full_bytes: int, sent_bytes: float) -> None:
+        self.bytes_sent[kind] = self.bytes_sent.get(kind, 0.0) + sent_bytes
         self.payload[kind] = self.payload.get(kind, 0) + full_bytes
         self.calls[kind] = self.calls.get(kind, 0) + 1
 
@@ -166,7 +167,7 @@ class Comm:
 
     def _count(self, kind: str, full_bytes: int, ring_factor: float) -> None:
         if self.stats is not None:
-            self.stats.add(kind, full_bytes, ring_factor)
+            self.stats.add(kind, full_bytes, ring_factor * full_bytes)
 
     # planted-bug target (parity_tests/mutants.py)
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.AVG):
@@ -194,6 +195,20 @@ class Comm:
         n = self.world_size
         self._count("all_reduce", t.numel() * t.element_size(), 2 * (n - 1) / n)
         return dist.all_reduce(t, op=op, group=self.group, async_op=True)
+
+    def all_to_all(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int],
+                   kind: str = "all_to_all") -> tuple[torch.Tensor, Work]:
+        """Async all_to_all of a flat buffer: `inp[sum(in_splits[:r]):][:in_splits[r]]` goes to
+        rank r; the returned tensor holds, in rank order, `out_splits[s]` elements from each
+        rank s. Counted under `kind` as the bytes that leave this rank (its own part stays).
+        With one rank the output is `inp` itself and nothing is launched."""
+        if self.world_size == 1:
+            return inp, DONE
+        out = torch.empty(sum(out_splits), dtype=inp.dtype, device=inp.device)
+        if self.stats is not None:
+            size = inp.element_size()
+            self.stats.add(kind, inp.numel() * size, (inp.numel() - in_splits[self.rank]) * size)
+        return out, dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
 
 
 def named_params(group: dict) -> list[tuple[str, torch.Tensor]]:
@@ -296,7 +311,18 @@ def clip_grad_norm_synchronized_(params, max_norm: float, group=None) -> torch.T
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    if is_initialized() and dist.get_world_size(group) > 1:
+    distributed = is_initialized() and dist.get_world_size(group) > 1
+    if any(isinstance(g, DTensor) for g in grads):
+        # FSDP2: the gradients are averaged already and each rank holds other rows, so the global
+        # norm² is the SUM over ranks of each rank's local sum of squares (a scalar all_reduce)
+        if not all(isinstance(g, DTensor) for g in grads):
+            raise ValueError("gradients mix FSDP2 DTensors and plain tensors: shard every parameter, or none")
+        grads = [g.to_local() for g in grads]
+        squares = torch.stack([g.float().square().sum() for g in grads]).sum()
+        if distributed:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
+        return _scale_to_norm_(grads, squares.sqrt(), max_norm)
+    if distributed:
         # one flat buffer per dtype: a single collective instead of one per parameter
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
@@ -310,7 +336,12 @@ def clip_grad_norm_synchronized_(params, max_norm: float, group=None) -> torch.T
                 offset += g.numel()
     # sqrt of a sum of squares in fp32: torch's CPU vector_norm loses accuracy on large tensors
     total = torch.stack([g.float().square().sum() for g in grads]).sum().sqrt()
+    return _scale_to_norm_(grads, total, max_norm)
+
+
+def _scale_to_norm_(grads: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> torch.Tensor:
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(scale.to(g.dtype))
     return total
+

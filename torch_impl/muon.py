@@ -16,8 +16,10 @@ with scale = max(1, rows/cols)^½ ("max_ratio", nanochat) or 0.2·√max(rows, c
 decoupled and not shape-scaled, as in torch.optim.Muon.
 
 `muon_step` is the only place this math lives (.specs/muon_math.md states it once for
-both frameworks): the optimizer in torch_impl/optim.py calls it on the matrices of each
-same-shape stack that its rank holds, at every world size.
+both frameworks), in two halves: `muon_direction` (everything up to O, on whole matrices)
+and `apply_direction` (the last line, elementwise). The optimizer in torch_impl/optim.py
+calls `muon_step` on the matrices of each same-shape stack that its rank holds; on FSDP2
+parameters the owner runs `muon_direction` and every rank `apply_direction` on its rows.
 """
 
 from __future__ import annotations
@@ -71,27 +73,34 @@ class MuonHyper:
 
 
 @torch.no_grad()
-def muon_step(
-    params: torch.Tensor,
+def muon_direction(
     grads: torch.Tensor,
     momentum_buf: torch.Tensor,
     second_moment: torch.Tensor | None,
     hp: MuonHyper,
-) -> None:
-    """One Muon step, in place, on fp32 stacks of shape (K, rows, cols).
-
-    `params`, `momentum_buf` and `second_moment` are updated in place; `grads` is read only.
-    `second_moment` has shape (K, *normuon_state_shape(rows, cols)) when NorMuon is on."""
-    rows, cols = params.shape[-2:]
+) -> torch.Tensor:
+    """O of one step on fp32 (K, rows, cols) stacks of whole matrices: momentum, Nesterov,
+    orthogonalization and NorMuon. `momentum_buf` and `second_moment` are updated in place,
+    `grads` is read only. Needs whole matrices (the orthogonalizer and NorMuon's norms are
+    not row-local); the FSDP2 optimizer runs it on the owner of each matrix."""
+    rows, cols = grads.shape[-2:]
     momentum_buf.lerp_(grads, 1 - hp.momentum)
     # planted-bug target (parity_tests/mutants.py)
     update = grads.lerp(momentum_buf, hp.momentum) if hp.nesterov else momentum_buf
-    O = hp.orthogonalize(update).to(params.dtype)
+    O = hp.orthogonalize(update).to(grads.dtype)
     if hp.normuon_beta2 is not None:
         reduce_dim = -1 if rows >= cols else -2
         second_moment.lerp_(O.square().mean(dim=reduce_dim, keepdim=True), 1 - hp.normuon_beta2)
         scaled = O * second_moment.clamp_min(1e-10).rsqrt()
         O = scaled * (frobenius_norm(O) / frobenius_norm(scaled).clamp_min(1e-10))
+    return O
+
+
+@torch.no_grad()
+def apply_direction(params: torch.Tensor, O: torch.Tensor, hp: MuonHyper, rows: int, cols: int) -> None:
+    """P ← P·(1 − lr·wd·mask) − lr·scale·O in place, for (rows × cols) matrices. Elementwise,
+    so any rows of `params` may be updated with the same rows of O apart from the others (an
+    FSDP2 rank updates its shard); `rows`, `cols` are the whole matrix's shape."""
     # planted-bug target (parity_tests/mutants.py)
     if hp.weight_decay != 0:
         decay = hp.lr * hp.weight_decay
@@ -103,6 +112,22 @@ def muon_step(
             params.mul_(1 - decay)
     # planted-bug target (parity_tests/mutants.py)
     params.add_(O, alpha=-hp.lr * shape_scale(rows, cols, hp.shape_scale))
+
+
+@torch.no_grad()
+def muon_step(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    momentum_buf: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    hp: MuonHyper,
+) -> None:
+    """One Muon step, in place, on fp32 stacks of shape (K, rows, cols): muon_direction, then
+    apply_direction. `params`, `momentum_buf` and `second_moment` are updated in place;
+    `grads` is read only. `second_moment` has shape (K, *normuon_state_shape(rows, cols))
+    when NorMuon is on."""
+    apply_direction(params, muon_direction(grads, momentum_buf, second_moment, hp).to(params.dtype),
+                    hp, *params.shape[-2:])
 
 
 # Muon checks gradients for NaN/inf once per step: the registered orthogonalizers skip their

@@ -21,6 +21,9 @@ rank, balancing the ranks' Newton-Schulz cost (placement.owner_counts; ZeRO-1/2 
 on the owner only), and packs each same-shape stack by that layout (placement.StackLayout);
 AdamW splits large parameters by rows (ZeRO-2) and replicates small ones, and takes FSDP2
 DTensor parameters as ShardedRows (its rows, gradient already reduced by FSDP: no collective).
+Muon on FSDP2 DTensors keeps the same owners; per stack, phase 2 is one all_to_all of the
+gradient rows to the owners, phase 3 the owner's `muon_direction` and one all_to_all of the
+direction's rows back, phase 4 every rank's `apply_direction` on its rows (ShardedStack).
 At one rank everything is Replicated.
 
 Communication per step at N ranks: reduce_scatter + all_gather send 2·(N−1)/N of the stacks'
@@ -56,8 +59,10 @@ from torch_impl.distributed import (
 from torch_impl.muon import (
     SHAPE_SCALES,
     MuonHyper,
+    apply_direction,
     as_matrix_shape,
     check_orthogonalizer,
+    muon_direction,
     muon_step,
     normuon_state_shape,
     resolve_orthogonalizer,
@@ -67,6 +72,7 @@ from torch_impl.placement import (
     Placement,
     Rows,
     ShardedRows,
+    StackLayout,
     muon_layouts,
     owner_loads,
     row_placements,
@@ -231,10 +237,6 @@ class Muon(ShardedOptimizer):
                     as_matrix_shape(p.shape)
                 except ValueError as e:
                     raise ValueError(f"parameter {name}: {e}") from None
-                if isinstance(p, DTensor):
-                    raise ValueError(f"parameter {name} is a DTensor (FSDP2): Muon on parameter-sharded "
-                                     "models is not supported yet (AdamW is); shard the optimizer state only "
-                                     "(DistMuon over whole parameters)")
 
     def place(self) -> dict[torch.Tensor, Placement]:
         """The owners (cost-balanced, placement.owner_counts) and `self.layouts`: per
@@ -263,32 +265,49 @@ class Muon(ShardedOptimizer):
                                                  group["ns_dtype"]))
 
     def matrix_state(self, p: torch.Tensor, normuon: bool) -> dict:
-        """Per-parameter fp32 state, created lazily (momentum, and NorMuon's second moment)."""
+        """Per-parameter fp32 state, created lazily (momentum, and NorMuon's second moment);
+        whole matrices, also for an FSDP2 parameter (they live on its owner)."""
         state = self.state[p]
         rows, cols = as_matrix_shape(p.shape)
+        device = p.to_local().device if isinstance(p, DTensor) else p.device
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(rows, cols, dtype=torch.float32, device=p.device)
+            state["momentum_buffer"] = torch.zeros(rows, cols, dtype=torch.float32, device=device)
         if normuon and "second_moment" not in state:
             state["second_moment"] = torch.zeros(normuon_state_shape(rows, cols),
-                                                 dtype=torch.float32, device=p.device)
+                                                 dtype=torch.float32, device=device)
         return state
 
     @torch.no_grad()
-    def step_stack(self, params: list[torch.Tensor], grads: torch.Tensor, hp: MuonHyper) -> None:
-        """Run `muon_step` on `params` (same shape) given their stacked fp32 (K, rows, cols)
-        gradients, reading and writing their per-parameter state."""
-        rows, cols = grads.shape[-2:]
+    def stack_step(self, params: list[torch.Tensor], grads: torch.Tensor, hp: MuonHyper,
+                   whole: torch.Tensor | None) -> torch.Tensor:
+        """Run the math on `params` (same shape) given their stacked fp32 (K, rows, cols)
+        gradients, reading and writing their per-parameter state. `whole`: the stacked
+        parameters, stepped in place by `muon_step`; None (FSDP2: no rank holds them whole):
+        return `muon_direction`'s O for the ranks to apply to their rows."""
         normuon = hp.normuon_beta2 is not None
         states = [self.matrix_state(p, normuon) for p in params]
-        P = torch.stack([p.detach().reshape(rows, cols) for p in params]).float()
         M = torch.stack([s["momentum_buffer"] for s in states])
         V = torch.stack([s["second_moment"] for s in states]) if normuon else None
-        muon_step(P, grads, M, V, hp)
-        for i, (p, s) in enumerate(zip(params, states)):
-            p.copy_(P[i].view_as(p))
+        out = muon_step(whole, grads, M, V, hp) if whole is not None else muon_direction(grads, M, V, hp)
+        for i, s in enumerate(states):
             s["momentum_buffer"].copy_(M[i])
             if normuon:
                 s["second_moment"].copy_(V[i])
+        return out
+
+    @torch.no_grad()
+    def step_stack(self, params: list[torch.Tensor], grads: torch.Tensor, hp: MuonHyper) -> None:
+        """`muon_step` on whole parameters `params` (same shape), written back in their dtype."""
+        rows, cols = grads.shape[-2:]
+        P = torch.stack([p.detach().reshape(rows, cols) for p in params]).float()
+        self.stack_step(params, grads, hp, P)
+        for i, p in enumerate(params):
+            p.copy_(P[i].view_as(p))
+
+    def count_work(self, layout: StackLayout, matrices: int) -> None:
+        if self.stats is not None:
+            self.stats.matrices += matrices
+            self.stats.ns_cost += matrices * layout.cost
 
     @torch.no_grad()
     def apply_update(self, grads_synced: bool = False) -> None:
@@ -296,12 +315,18 @@ class Muon(ShardedOptimizer):
         comm, n, rank = self.comm, self.comm.world_size, self.comm.rank
 
         # 2. reduce: each stack's fp32 gradients packed by its layout (rank r's matrices at
-        #    [r·chunk, r·chunk + count_r), zeros elsewhere); rank r receives its own chunk
-        pending = []
+        #    [r·chunk, r·chunk + count_r), zeros elsewhere); rank r receives its own chunk.
+        #    FSDP2 stacks (gradients already reduced, by rows): one all_to_all sends each
+        #    owner the rows of its matrices (ShardedStack)
+        pending, relayouts = [], []
         hypers = [self.hyper(group) for group in self.param_groups]  # once per group, not per stack
         for layout in self.layouts:
             stack = layout.params
             if all(p.grad is None for p in stack):  # presence is identical on all ranks
+                continue
+            hp = hypers[layout.group_index]
+            if layout.row_chunk is not None:
+                relayouts.append(ShardedStack(layout, comm, hp))
                 continue
             rows, cols = as_matrix_shape(stack[0].shape)
             send = torch.zeros(layout.chunk * n, rows, cols, dtype=torch.float32, device=stack[0].device)
@@ -309,10 +334,14 @@ class Muon(ShardedOptimizer):
                 if p.grad is not None:
                     send[slot].copy_(p.grad.reshape(rows, cols))
             recv, work = comm.reduce_scatter_chunks(send)  # N = 1: `send` itself, no collective
-            pending.append((hypers[layout.group_index], layout, send, recv, work))
+            pending.append((hp, layout, send, recv, work))
 
         # 3. update: per stack, wait for its gradients, step the matrices this rank holds (their
-        #    slots are rank·chunk + j in stack order, so recv[j] is owned[j]), launch the gather
+        #    slots are rank·chunk + j in stack order, so recv[j] is owned[j]), launch the gather.
+        #    FSDP2 stacks: the owner computes the direction of its whole matrices and one
+        #    all_to_all sends every rank its rows of it (while later stacks are still moving)
+        for relayout in relayouts:
+            self.count_work(relayout.layout, relayout.direction(self))
         gathers = []
         for hp, layout, _send, recv, work in pending:
             work.wait()
@@ -321,9 +350,7 @@ class Muon(ShardedOptimizer):
             if active:
                 grads = recv[:len(owned)] if len(active) == len(owned) else recv[active]
                 self.step_stack([owned[j] for j in active], grads, hp)
-                if self.stats is not None:
-                    self.stats.matrices += len(active)
-                    self.stats.ns_cost += len(active) * layout.cost
+                self.count_work(layout, len(active))
             if n > 1:
                 rows, cols = recv.shape[-2:]
                 mine = torch.zeros(layout.chunk, rows, cols, dtype=layout.params[0].dtype, device=recv.device)
@@ -334,12 +361,81 @@ class Muon(ShardedOptimizer):
                 # here does not depend on that, nor on a backend's stream bookkeeping)
                 gathers.append((layout, mine, out, comm.all_gather(out, mine)))
 
-        # 4. gather: every rank takes the owners' new parameters
+        # 4. gather: every rank takes the owners' new parameters; on FSDP2 stacks every rank
+        #    applies the direction to its own rows
+        for relayout in relayouts:
+            relayout.apply()
         for layout, _mine, out, work in gathers:
             work.wait()
             for p, slot in zip(layout.params, layout.slots):
                 # planted-bug target (parity_tests/mutants.py)
                 p.copy_(out[slot].view_as(p))
+
+
+class ShardedStack:
+    """One stack of FSDP2 DTensor matrices (sharded by rows) through a Muon step, the layout of
+    torchtitan's and MaxText's sharded Muon: the gradient rows (FSDP reduced them already)
+    go to the owner of each matrix in ONE packed all_to_all, the owner runs `muon_direction`
+    on whole matrices, ONE all_to_all sends each rank its rows of the direction, and every
+    rank runs `apply_direction` on its rows. Each all_to_all moves (N−1)/N of the active
+    matrices' bytes per rank on average, the pair about one all_reduce (2·(N−1)/N); the
+    math is the single-device math, so the result is bit-identical to it.
+
+    The stack is in owner order (each owner a contiguous run, StackLayout), so each
+    buffer is the concatenation of per-rank pieces in rank order and the received
+    directions come back in stack order."""
+
+    def __init__(self, layout: StackLayout, comm: Comm, hp: MuonHyper):
+        self.layout, self.comm, self.hp = layout, comm, hp
+        n, rank = comm.world_size, comm.rank
+        self.active = [p for p in layout.params if p.grad is not None]
+        self.rows, self.cols = as_matrix_shape(layout.params[0].shape)
+        self.bounds = [Rows(self.rows, layout.row_chunk).local_rows(r) for r in range(n)]
+        owner_of = dict(zip(layout.params, layout.owners()))
+        self.counts = [0] * n
+        for p in self.active:
+            self.counts[owner_of[p]] += 1
+        self.owned = [p for p in self.active if owner_of[p] == rank]
+        row_elems = [(end - start) * self.cols for start, end in self.bounds]
+        # gradients to the owners: my rows of each matrix, grouped by owner (= stack order)
+        send = torch.cat([p.grad.to_local().reshape(-1) for p in self.active])
+        self.grad_splits = ([c * row_elems[rank] for c in self.counts],
+                            [len(self.owned) * e for e in row_elems])
+        self.grads, self.work = comm.all_to_all(send, *self.grad_splits, kind="all_to_all_grads")
+        self.send = send  # referenced until the wait (as in the gathers)
+
+    def direction(self, opt: Muon) -> int:
+        """Wait for the gradients, compute the owned matrices' direction, launch its return.
+        Returns the number of matrices orthogonalized here."""
+        self.work.wait()
+        sent, received = self.grad_splits
+        k = len(self.owned)
+        if k:
+            G = torch.empty(k, self.rows, self.cols, dtype=torch.float32, device=self.grads.device)
+            for (start, end), piece in zip(self.bounds, self.grads.split(received)):
+                G[:, start:end].copy_(piece.view(k, end - start, self.cols))
+            O = opt.stack_step(self.owned, G, self.hp, None)
+            # planted-bug target (parity_tests/mutants.py)
+            send = torch.cat([O[:, start:end].reshape(-1) for start, end in self.bounds])
+        else:
+            send = torch.empty(0, dtype=torch.float32, device=self.grads.device)
+        self.send = send
+        # the directions back: the reverse of the gradients' splits
+        self.directions, self.work = self.comm.all_to_all(send, received, sent, kind="all_to_all_directions")
+        return k
+
+    def apply(self) -> None:
+        """Wait for this rank's rows of every direction; apply them to its parameter rows."""
+        self.work.wait()
+        start, end = self.bounds[self.comm.rank]
+        if end == start:
+            return
+        local = [p.to_local() for p in self.active]
+        P = torch.stack([t.reshape(end - start, self.cols) for t in local]).float()
+        apply_direction(P, self.directions.view(len(local), end - start, self.cols), self.hp, self.rows, self.cols)
+        for t, new in zip(local, P):
+            # planted-bug target (parity_tests/mutants.py)
+            t.copy_(new.view_as(t))
 
 
 class AdamW(ShardedOptimizer):

@@ -8,7 +8,9 @@ full parameter list (never from which gradients exist in a step, so state never 
                         (N = 1; AdamW's small parameters, whose gradients are all_reduced)
     Owned(r)            rank r updates the whole parameter and keeps its state; the others
                         receive the new values (Muon at N > 1: it needs whole matrices;
-                        owners balance the Newton-Schulz cost, owner_counts)
+                        owners balance the Newton-Schulz cost, owner_counts). On FSDP2
+                        DTensors rank r computes the whole matrix's direction and every
+                        rank applies it to its own rows (StackLayout.row_chunk)
     Rows(n_rows, c)     rank r updates rows [r·c, min((r+1)·c, n_rows)) of dim 0 and keeps
                         that slice of the state (AdamW's ZeRO-2 shards at N > 1)
     ShardedRows(n, c)   the same rows, of a parameter that is itself sharded (FSDP2 DTensor)
@@ -140,18 +142,28 @@ def owner_counts(stacks: list[tuple[int, int]], world_size: int) -> list[list[in
 class StackLayout:
     """One same-shape stack as the collectives move it: a packed (chunk·N, rows, cols) buffer
     in which rank r's matrices sit at [r·chunk, r·chunk + count_r), in stack order.
-    `slots[i]` is where params[i] goes; `cost` is one matrix's ns_cost."""
+    `slots[i]` is where params[i] goes; `cost` is one matrix's ns_cost. `row_chunk` is None
+    for whole parameters; for FSDP2 DTensors it is the rows per rank of their Shard(0) split
+    (rank r holds rows Rows(rows, row_chunk).local_rows(r) of every matrix)."""
     group_index: int
     params: tuple[torch.Tensor, ...]
     chunk: int
     slots: tuple[int, ...]
     cost: int
+    row_chunk: int | None = None
+
+    def owners(self) -> list[int]:
+        """The rank that owns each matrix of the stack (slot // chunk), in stack order."""
+        return [slot // self.chunk for slot in self.slots]
 
 
 def muon_layouts(stacks: list[tuple[int, list[torch.Tensor]]], world_size: int,
                  steps_of_group: list[int]) -> tuple[list[StackLayout], dict[torch.Tensor, Placement]]:
     """Muon's owners (owner_counts: cost-balanced, each rank a contiguous run of each stack, in
-    rank order) and the buffer layout that goes with them. One rank: everything Replicated."""
+    rank order) and the buffer layout that goes with them. One rank: everything Replicated.
+    FSDP2 DTensor stacks get their row split (fsdp_rows; whole parameters and DTensors
+    cannot be mixed)."""
+    sharded = fsdp_rows([p for _, stack in stacks for p in stack], world_size)
     costs = [ns_cost(stack[0].shape, steps_of_group[gi]) for gi, stack in stacks]
     counts = owner_counts([(len(stack), cost) for (_, stack), cost in zip(stacks, costs)], world_size)
     layouts, placements = [], {}
@@ -164,7 +176,8 @@ def muon_layouts(stacks: list[tuple[int, list[torch.Tensor]]], world_size: int,
                 placements[stack[i]] = Owned(r) if world_size > 1 else Replicated()
                 slots.append(r * chunk + j)
                 i += 1
-        layouts.append(StackLayout(gi, tuple(stack), chunk, tuple(slots), cost))
+        row_chunk = sharded[stack[0]].chunk if sharded else None
+        layouts.append(StackLayout(gi, tuple(stack), chunk, tuple(slots), cost, row_chunk))
     return layouts, placements
 
 
@@ -180,17 +193,26 @@ def owner_loads(layouts: list[StackLayout], placements: dict[torch.Tensor, Place
     return loads
 
 
+def fsdp_rows(params: list[torch.Tensor], world_size: int) -> dict[torch.Tensor, ShardedRows] | None:
+    """ShardedRows of every parameter if they are all FSDP2 DTensors, None if none is;
+    ValueError if some are (a parameter FSDP left unsharded would get another layout on every
+    rank than its neighbours) or one is laid out other than Shard(0) over the world."""
+    sharded = {p: sharded_rows(p, world_size) for p in params}
+    if not any(sharded.values()):
+        return None
+    plain = [tuple(p.shape) for p, s in sharded.items() if s is None]
+    if plain:
+        raise ValueError(f"FSDP2 DTensor parameters mixed with {len(plain)} plain tensors (shapes {plain[:4]}): "
+                         "shard every parameter with fully_shard, or none")
+    return sharded
+
+
 def row_placements(params: list[torch.Tensor], world_size: int, shard_min_numel: int) -> dict[torch.Tensor, Placement]:
     """AdamW: parameters of ≥ `shard_min_numel` elements (and ≥ 1 dim) are split by rows at
     N > 1; smaller ones (biases, gains, scalars) are not worth a collective each. FSDP2
-    DTensor parameters are ShardedRows; they cannot be mixed with plain ones (a parameter FSDP
-    left unsharded would get another layout on every rank than its neighbours)."""
-    sharded = {p: sharded_rows(p, world_size) for p in params}
-    if any(sharded.values()):
-        plain = [tuple(p.shape) for p, s in sharded.items() if s is None]
-        if plain:
-            raise ValueError(f"FSDP2 DTensor parameters mixed with {len(plain)} plain tensors (shapes {plain[:4]}): "
-                             "shard every parameter with fully_shard, or none")
+    DTensor parameters are ShardedRows (fsdp_rows)."""
+    sharded = fsdp_rows(params, world_size)
+    if sharded:
         return sharded
     out = {}
     for p in params:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from torch_impl import schedule
 from torch_impl.checkpoint import load_training_state, save_checkpoint
@@ -42,7 +43,38 @@ from torch_impl.distributed import Dist, clip_grad_norm_synchronized_, init_from
 from torch_impl.gpt import GPT
 from torch_impl.nonfinite import NonFiniteGradientError
 from torch_impl.optim import HybridOptimizer, hybrid
+from torch_impl.parallelize import apply_activation_checkpointing, apply_fsdp
 from torch_impl.plan import CONFIG_FILE, METRICS_FILE, Plan, RunComplete, plan_run
+
+
+def parallelize(model: GPT, cfg: TrainConfig, d: Dist) -> None:
+    """What is applied to the model from outside (torch_impl/parallelize.py): activation checkpointing,
+    then FSDP2 over all ranks with --sharding fsdp (bf16 compute over fp32 master weights on CUDA). The
+    weights are initialized whole on every rank (same seed) before fully_shard splits them, so a run
+    starts from the same model whatever the sharding."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.sharding == "fsdp" and d.active:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+        apply_fsdp(model, mesh, param_dtype=torch.bfloat16 if d.device.type == "cuda" else None)
+
+
+def whole_model(model: GPT, d: Dist) -> GPT | None:
+    """The model with whole parameters on rank 0 (None on the others), for sampling: `model` itself
+    unless FSDP2 shards it; then its full state is gathered (a collective) into a plain GPT."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model if d.master else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.master:
+        return None
+    with torch.device("meta"):
+        whole = GPT(model.config)
+    whole.to_empty(device=d.device)
+    whole.init_weights()  # the rotary buffers, which are not in the state dict
+    whole.load_state_dict(full)
+    return whole.eval()
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype, distributed: bool) -> HybridOptimizer:
@@ -163,6 +195,7 @@ def train(plan: Plan, d: Dist) -> dict:
         model = GPT(plan.model_config)
     model.to_empty(device=d.device)
     model.init_weights()
+    parallelize(model, cfg, d)
     optimizer = build_optimizer(model, cfg, plan.ns_dtype, d.active)
     train_model = torch.compile(model, dynamic=False) if cfg.compile else model
     loader = DistributedTokenLoader(plan.train_tokens, cfg.device_batch_size, cfg.seq_len, d.rank,
@@ -270,12 +303,15 @@ def train(plan: Plan, d: Dist) -> dict:
                + (f", {summary['tokens_per_s']:,.0f} tok/s after the first step" if summary["tokens_per_s"] else "")
                + (f", val bpb {last_val['val_bpb']:.4f}" if last_val else ""), **summary)
 
-    if d.master and cfg.sample_tokens > 0 and step == plan.num_steps:
-        from torch_impl.sample import generate_text
-        log.print("sample:")
-        print(cfg.sample_prompt, end="", flush=True)
-        generate_text(model, plan.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed, stream=sys.stdout)
-        print(flush=True)
+    if cfg.sample_tokens > 0 and step == plan.num_steps:
+        whole = whole_model(model, d)  # collective under FSDP2
+        if d.master:
+            from torch_impl.sample import generate_text
+            log.print("sample:")
+            print(cfg.sample_prompt, end="", flush=True)
+            generate_text(whole, plan.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed,
+                          stream=sys.stdout)
+            print(flush=True)
     return summary
 
 

@@ -44,6 +44,8 @@ def empty_parquet(tmp_path):
 CASES = {
     "unknown flag": (lambda t: ["--bogus"], "unrecognized arguments"),
     "invalid choice": (lambda t: ["--ns-dtype", "float16"], "invalid choice"),
+    "zero2 and fsdp together": (lambda t: ["--sharding", "zero2", "--sharding=fsdp"], "--sharding given twice"),
+    "two optimizers": (lambda t: ["--optimizer=adamw", "--optimizer", "hybrid"], "--optimizer given twice"),
     "steps and budget": (lambda t: ["--steps", "3", "--token-budget", "100"], "not allowed with"),
     "zero depth": (lambda t: ["--depth", "0"], "--depth must be >= 1"),
     "heads do not divide width": (lambda t: ["--n-embd", "100", "--n-head", "3"], "divisible by n_head"),
