@@ -381,3 +381,74 @@ def test_fsdp2_checkpoint_saved_at_n_resumes_at_m(rank_groups, tmp_path, n, resu
             case_fsdp2_checkpoint(path, 2, 4, False)  # in pytest's process: no process group at all
         else:
             rank_groups(m).run(case_fsdp2_checkpoint, path, 2, 4, False)
+
+
+# ---- torch.optim.Muon on FSDP2 DTensors: the comparison point ----------------------------------
+# torch.optim.Muon has no sharded path of its own: on DTensor parameters its Newton-Schulz runs
+# through DTensor's implicit redistribution. What that gives at 2 ranks, pinned so that a change
+# upstream shows up here (and in the README's table):
+#   - wide and square matrices: every NS matmul all_gathers its sharded operand (X twice and
+#     the Gram matrix once per iteration, 15 gathers in all) on every rank, plus one all_reduce
+#     of the norm; the result equals torch.optim.Muon on whole tensors bit for bit, but each rank
+#     does the whole matrix's NS (N× the work) and, for a square matrix, moves 15·(N−1)/N of the
+#     bf16 matrix: 3.75·N× the bytes of our owner all_to_all pair
+#   - tall matrices (NS works on Xᵀ): the matmuls contract the sharded dim into partial sums
+#     that are all_reduced, a different bf16 summation: not bit-identical to the whole-tensor run
+#   - a (1, 8) head (fewer rows than ranks): RuntimeError, "in-place operations that require
+#     placement changes" (as reported elsewhere, ../shared/ANCHORS.md)
+TORCH_MUON_SHAPES = [(16, 16), (8, 24), (24, 16), (32, 1), (1, 8)]
+
+
+def case_torch_muon_on_fsdp2():
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from torch_impl.distributed import DTensorTraffic
+    m, n = mesh(), world_size()
+    out = {}
+    for i, shape in enumerate(TORCH_MUON_SHAPES):
+        full, g = exact_randn(shape, 41, i), exact_randn(shape, 42, i)
+        whole = torch.nn.Parameter(full.clone())
+        whole.grad = g.clone()
+        torch.optim.Muon([whole], lr=0.02).step()
+        sharded = torch.nn.Parameter(distribute_tensor(full.clone(), m, [Shard(0)]))
+        sharded.grad = distribute_tensor(g, m, [Shard(0)])
+        ours = torch.nn.Parameter(distribute_tensor(full.clone(), m, [Shard(0)]))
+        ours.grad = distribute_tensor(g, m, [Shard(0)])
+        # ours with torch.optim.Muon's settings (weight decay 0.1, bf16 NS); the bytes are this rank's
+        opt = DistMuon([ours], lr=0.02, weight_decay=0.1, track_stats=True)
+        opt.step()
+        row = dict(ours_bytes=sum(v for k, v in opt.stats.bytes_sent.items() if k.startswith("all_to_all")))
+        try:
+            with DTensorTraffic(n) as traffic:
+                torch.optim.Muon([sharded], lr=0.02).step()
+            row.update(equal=torch.equal(sharded.full_tensor(), whole),
+                       diff=(sharded.full_tensor() - whole).abs().max().item(),
+                       calls=dict(traffic.stats.calls), bytes=traffic.stats.total_bytes_sent)
+        except RuntimeError as e:
+            row.update(error=str(e).splitlines()[0])
+        out[shape] = row
+    return out
+
+
+def test_torch_optim_muon_on_fsdp2_for_comparison(rank_groups):
+    ranks = rank_groups(2).run(case_torch_muon_on_fsdp2)
+    n = 2
+    for shape in [(16, 16), (8, 24)]:
+        for res in ranks:
+            row = res[shape]
+            assert row["equal"], (shape, row)
+            assert row["calls"] == {"all_gather_into_tensor": 15, "all_reduce": 1}, (shape, row)
+            # per NS iteration: A = X·Xᵀ and B·X gather this rank's rows of the bf16 X, A·A its
+            # rows of the rows×rows A; plus the all_reduce of the bf16 norm
+            x_rows, a_rows = shape[0] // n * shape[1] * 2, shape[0] // n * shape[0] * 2
+            assert row["bytes"] == 5 * (n - 1) * (2 * x_rows + a_rows) + 2 * (n - 1) / n * 2, (shape, row)
+        # ours over both ranks: the owner's peer sends its fp32 gradient rows and receives the
+        # direction's: 2·(N−1)/N of the fp32 matrix in all, vs 15·(N−1) bf16 shards per rank
+        ours = sum(res[shape]["ours_bytes"] for res in ranks)
+        assert ours == 2 * (n - 1) / n * shape[0] * shape[1] * 4
+    ours = sum(res[(16, 16)]["ours_bytes"] for res in ranks)
+    assert sum(res[(16, 16)]["bytes"] for res in ranks) == 3.75 * n * ours + 2 * 2  # + the norm's
+    for shape in [(24, 16), (32, 1)]:
+        row = ranks[0][shape]
+        assert not row["equal"] and row["diff"] > 0 and set(row["calls"]) == {"all_reduce"}, (shape, row)
+    assert "placement changes" in ranks[0][(1, 8)].get("error", ""), ranks[0][(1, 8)]
