@@ -28,6 +28,7 @@ import argparse
 import functools
 import math
 import os
+import queue
 import socket
 import statistics
 import time
@@ -188,14 +189,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(n: int, cfg: dict) -> list[dict]:
+def run_world(n: int, cfg: dict, worker=None) -> list[dict]:
+    """Spawn `n` ranks of `worker(rank, n, port, cfg, results)` (this module's by default) and
+    return the rows rank 0 puts on `results`."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, n, port, cfg, results)) for r in range(n)]
+    procs = [ctx.Process(target=worker or _worker, args=(r, n, port, cfg, results)) for r in range(n)]
     for p in procs:
         p.start()
-    rows = results.get(timeout=3600)
+    deadline = time.monotonic() + 3600
+    while True:  # a rank that died (an exception) ends the wait at once instead of after the hour
+        try:
+            rows = results.get(timeout=5)
+            break
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a rank failed or timed out at world size {n}") from None
     for p in procs:
         p.join()
     if any(p.exitcode for p in procs):

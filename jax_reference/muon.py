@@ -4,7 +4,7 @@ The math is .specs/muon_math.md §2–§7; this module is that spec written as
 small optax transforms, applied in the spec's order:
 
     muon(...) = guard_nonfinite(in_float32(optax.chain(
-        scale_by_orthogonalized_momentum(momentum, nesterov, orth),  # §3, §4: G ↦ O
+        scale_by_orthogonalized_momentum(momentum, nesterov, orth),  # §3, §4: G ↦ O (orth_map, §12)
         scale_by_normuon(beta2),                                     # §5 (identity if beta2 is None)
         scale_by_shape(rule),                                        # §6: O ↦ s·O
         add_cautious_decayed_weights(wd)                             # §7: + wd·mask⊙P
@@ -119,14 +119,26 @@ class OrthogonalizedMomentumState(NamedTuple):
     momentum: optax.Updates  # float32 EMA buffer M of §3, shaped like params
 
 
+def per_leaf(orthogonalize: Callable[[jax.Array], jax.Array], matrices):
+    """The single-device orth_map: `orthogonalize` applied to each (rows, cols) matrix of the tree."""
+    return jax.tree.map(orthogonalize, matrices)
+
+
 def scale_by_orthogonalized_momentum(
-    momentum: float, nesterov: bool, orthogonalize: Callable[[jax.Array], jax.Array]
+    momentum: float,
+    nesterov: bool,
+    orthogonalize: Callable[[jax.Array], jax.Array],
+    orth_map: Callable[..., Any] = per_leaf,
 ) -> optax.GradientTransformation:
     """G ↦ O = orth(U): EMA momentum and Nesterov (§3 eqs. 1–2), then orth (§4 eq. 3).
 
     `orthogonalize` maps a float32 (rows, cols) matrix to its approximate polar
-    factor (e.g. resolve_orthogonalizer(...)). State: the momentum buffer.
-    Leaves must have ndim >= 2 (ValueError naming the leaf otherwise).
+    factor (e.g. resolve_orthogonalizer(...)). `orth_map(orthogonalize, matrices)`
+    applies it to the tree of float32 (rows, cols) views of U, returning a tree
+    of O: per_leaf (one matrix after the other) on one device,
+    jax_reference.sharded.on_owners(mesh) for row-sharded parameters (§12).
+    State: the momentum buffer. Leaves must have ndim >= 2 (ValueError naming
+    the leaf otherwise).
     """
 
     def init_fn(params):
@@ -137,13 +149,14 @@ def scale_by_orthogonalized_momentum(
         g = jnp.asarray(g).astype(jnp.float32)
         buf = buf + (1 - momentum) * (g - buf)
         U = g + momentum * (buf - g) if nesterov else buf
-        O = orthogonalize(_as_matrix(U)).astype(jnp.float32)
-        return jnp.reshape(O, jnp.shape(g)), buf
+        return _as_matrix(U), buf
 
     def update_fn(updates, state, params=None):
         del params
         check_matrices(updates, "gradient")
-        O, buf = _unzip(updates, jax.tree.map(leaf, updates, state.momentum))
+        U, buf = _unzip(updates, jax.tree.map(leaf, updates, state.momentum))
+        O = orth_map(orthogonalize, U)
+        O = jax.tree.map(lambda o, g: jnp.reshape(o.astype(jnp.float32), jnp.shape(g)), O, updates)
         return O, OrthogonalizedMomentumState(buf)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -271,6 +284,7 @@ def muon(
     ns_dtype=jnp.bfloat16,
     eps: float = 1e-7,
     nonfinite: str = "raise",
+    orth_map: Callable[..., Any] = per_leaf,
 ) -> optax.GradientTransformationExtraArgs:
     """Muon (.specs/muon_math.md §3–§7) as an optax transformation; `update` needs params.
 
@@ -282,6 +296,9 @@ def muon(
       shape_scale: "max_ratio" or "match_rms_adamw" (§6).
       nonfinite: "raise" or "skip" (§9, jax_reference.nonfinite): under jit,
         "raise" needs checkify.checkify around the jitted update.
+      orth_map: how orth reaches the matrices (scale_by_orthogonalized_momentum):
+        per_leaf on one device; jax_reference.sharded builds the row-sharded step
+        (§12) by passing its on_owners(mesh) here.
 
     Every leaf must have ndim >= 2 (ValueError naming the leaf otherwise).
     """
@@ -291,7 +308,7 @@ def muon(
     schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
     decay = add_cautious_decayed_weights if cautious_weight_decay else optax.add_decayed_weights
     chain = optax.chain(
-        scale_by_orthogonalized_momentum(momentum, nesterov, orthogonalize),
+        scale_by_orthogonalized_momentum(momentum, nesterov, orthogonalize, orth_map),
         optax.identity() if normuon_beta2 is None else scale_by_normuon(normuon_beta2),
         scale_by_shape(rule),
         decay(weight_decay),

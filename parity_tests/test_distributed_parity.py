@@ -8,6 +8,7 @@ means here. `rank_groups` is the session's pool of ranks (conftest.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,55 @@ def test_dist_adamw_different_data_matches_jax_reference(rank_groups):
     for p, q in zip(out["final"], jp):
         good, err = close(p, torch.tensor(jnp.asarray(q).tolist()), tol)
         assert good, f"{tuple(p.shape)}: |DistAdamW - jax adamw| = {err:.3g} > {tol:.3g}"
+
+
+# ---- the sharded step in both frameworks: torch FSDP2 vs jax_reference.sharded ---------------------
+# The same fp32 matrices, sharded by rows over N ranks / devices (dims 0 not divisible by N and
+# smaller than N, a 32×1, a 4-D kernel), the same exact gradients: torch's Muon on FSDP2
+# DTensors (gloo ranks) against jax_reference's sharded_muon on a Mesh of N CPU devices.
+
+SHARDED_SPECS = [((5, 16), torch.float32), ((5, 16), torch.float32), ((5, 16), torch.float32),
+                 ((1, 8), torch.float32), ((32, 1), torch.float32), ((12, 10), torch.float32),
+                 ((6, 3, 2, 2), torch.float32)]
+SHARDED_KW = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, cautious_weight_decay=True,
+                  normuon_beta2=0.95, shape_scale="max_ratio")
+
+
+def case_fsdp2_muon_trajectory(steps):
+    from tests.dist.test_fsdp2 import step_pair
+    from torch_impl.optim import DistMuon, Muon
+    params, _, _, _ = step_pair(SHARDED_SPECS, DistMuon, Muon, dict(SHARDED_KW, ns_dtype=torch.float32), steps, 31)
+    return [p.full_tensor().detach() for p in params]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_fsdp2_muon_matches_jax_sharded_step(rank_groups, n):
+    jax = pytest.importorskip("jax")
+    jnp, optax = pytest.importorskip("jax.numpy"), pytest.importorskip("optax")
+    from jax_reference.sharded import row_mesh, shard_rows, sharded_muon, unshard_rows
+    from parity_tests.test_muon_parity import muon_tolerance
+    from tests.dist.common import exact_randn, make_params
+
+    if jax.device_count() < n:
+        pytest.skip(f"JAX sees {jax.device_count()} devices (conftest.py sets XLA_FLAGS for 4)")
+    steps = 3
+    torch_final = rank_groups(n).run(case_fsdp2_muon_trajectory, steps)[0]
+    mesh = row_mesh(n)
+    kw = {k: v for k, v in SHARDED_KW.items() if k != "lr"}
+    tx = sharded_muon(mesh, SHARDED_KW["lr"], ns_dtype=jnp.float32, nonfinite="skip", **kw)
+    stored = shard_rows([jnp.asarray(p.detach().numpy()) for p in make_params(SHARDED_SPECS)], mesh)
+    state = tx.init(stored)
+    update = jax.jit(tx.update)
+    for t in range(steps):
+        grads = shard_rows([jnp.asarray(exact_randn(s, 31, t, i).numpy()) for i, (s, _) in enumerate(SHARDED_SPECS)],
+                           mesh)
+        u, state = update(grads, state, stored)
+        stored = optax.apply_updates(stored, u)
+    for p, q in zip(torch_final, unshard_rows(stored)):
+        # the torch-vs-JAX fp32 trajectory bound of test_muon_parity.py (NS rounding amplified by
+        # Π|a_k|, ×3 for NorMuon's rescaling, summed over the steps): sharding adds no error of
+        # its own, since both sharded steps equal their single-device steps (tests/dist,
+        # tests/jax_reference/test_sharded.py)
+        tol = muon_tolerance(dict(steps=steps, orth="newton_schulz", lr=SHARDED_KW["lr"], scale="max_ratio",
+                                  normuon=0.95), tuple(p.shape))
+        np.testing.assert_allclose(p.numpy(), np.asarray(q), rtol=0, atol=tol, err_msg=str(tuple(p.shape)))

@@ -94,7 +94,9 @@ class TrainConfig:
                                             "(CPUs without AVX512-BF16 emulate bf16 matmuls, 10-40x slower)",
                          choices=("auto", "float32", "bfloat16"))
     grad_clip: float = flag(0.0, OPTIMIZER, "clip the global norm of the rank-averaged gradient to this value; "
-                                            "0 = off. Costs one extra all-reduce of all gradients per step")
+                                            "0 = off. Costs one extra all-reduce of all gradients per step, and "
+                                            "under --sharding zero2 the reduce_scatters then wait for the step "
+                                            "instead of starting during backward")
 
     # schedules
     warmup_ratio: float = flag(0.0, SCHEDULES, "fraction of steps of linear lr warmup")
@@ -134,6 +136,10 @@ class TrainConfig:
                                           "state split by rows, each block gathered for its compute; bf16 compute over "
                                           "fp32 master weights on CUDA. No difference at one process",
                          choices=("zero2", "fsdp"))
+    grad_reduce_dtype: str = flag("float32", SYSTEM, "dtype of the gradients on the wire in the reduce_scatters "
+                                                     "(zero2: the optimizer's; fsdp: FSDP's); bfloat16 halves the "
+                                                     "bytes and rounds each gradient to 8 bits",
+                                  choices=("float32", "bfloat16"))
     activation_checkpointing: bool = flag(False, SYSTEM, "recompute each transformer block's forward during backward "
                                                          "instead of keeping its activations (less memory, ~1/3 more "
                                                          "compute)")

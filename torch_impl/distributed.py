@@ -261,26 +261,29 @@ def check_same_on_all_ranks(comm: Comm, signature: str, local_error: str | None,
                          + signature[:2000])
 
 
-def grad_flags(comm: Comm, param_groups: list[dict], check_finite: bool) -> list[str]:
+def grad_flags(comm: Comm, param_groups: list[dict], check_finite: bool,
+               reduced: dict[torch.Tensor, torch.Tensor] | None = None) -> list[str]:
     """One all_reduce(MAX) over per-parameter flags [non-finite, present, absent].
 
     Raises on every rank if some parameter has a gradient on some ranks but not on others
     (the sharded collectives would otherwise be built from different stacks and hang).
-    Returns the names whose gradient is non-finite on any rank (empty if not checked)."""
+    Returns the names whose gradient is non-finite on any rank (empty if not checked).
+    `reduced`: parameters whose gradient was already sent off and dropped in backward
+    (torch_impl/backward_reduce.py): present, with their recorded non-finite flag."""
+    reduced = reduced or {}
     named = [(n, p) for g in param_groups for n, p in named_params(g)]
     if not named:
         return []
     dev = comm.device
     grads = [p.grad for _, p in named]
-    present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=dev)
-    if check_finite and any(g is not None for g in grads):
+    has = [g is not None or p in reduced for g, (_, p) in zip(grads, named)]
+    present = torch.tensor(has, dtype=torch.int32, device=dev)
+    bad = torch.zeros(len(grads), dtype=torch.int32, device=dev)
+    if check_finite and any(has):
         # a DTensor gradient (FSDP2) is checked on this rank's shard; the MAX below is global
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None]
-        finite = [torch.isfinite(g).all() for g in local]
-        bad = torch.zeros(len(grads), dtype=torch.int32, device=dev)
-        bad[present.bool()] = (~torch.stack(finite)).to(device=dev, dtype=torch.int32)
-    else:
-        bad = torch.zeros(len(grads), dtype=torch.int32, device=dev)
+        flags = [reduced[p] if p in reduced else ~torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
+                 for g, (_, p) in zip(grads, named) if g is not None or p in reduced]
+        bad[present.bool()] = torch.stack(flags).to(device=dev, dtype=torch.int32)
     flags = torch.cat([bad, present, 1 - present])
     if comm.world_size > 1:
         comm.all_reduce(flags, op=dist.ReduceOp.MAX).wait()

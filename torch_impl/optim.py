@@ -41,12 +41,14 @@ phase 1). Anything else (a crashed rank) is bounded by the process group's finit
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from torch_impl.adamw import adamw_step
+from torch_impl.backward_reduce import BackwardReduce, Reduction, reducing_in_backward
 from torch_impl.distributed import (
     Comm,
     check_same_on_all_ranks,
@@ -92,11 +94,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
     kind: str  # the part name in checkpoints and HybridOptimizer: "muon" or "adamw"
 
     def __init__(self, params, defaults: dict, *, nonfinite: str, process_group, track_stats: bool,
-                 check_hyper=lambda: None, signature_extra: str = ""):
+                 grad_reduce_dtype: torch.dtype = torch.float32, check_hyper=lambda: None,
+                 signature_extra: str = ""):
         params = list(params)
         self.comm = Comm.local(track_stats) if process_group is None else Comm(process_group, track_stats)
+        self.grad_reduce_dtype = grad_reduce_dtype
+        self.backward = BackwardReduce(self)
         error = None
         try:  # a local error is raised only after telling the other ranks (they would hang)
+            if grad_reduce_dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"grad_reduce_dtype must be torch.float32 or torch.bfloat16, got {grad_reduce_dtype}")
             check_hyper()
             super().__init__(params, defaults)
             self.nonfinite = check_policy(nonfinite)
@@ -106,7 +113,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             error = e
         local = str(error) if error else (local_device_error(self.param_groups) if self.comm.world_size > 1
                                           else None)
-        signature = "" if error else signature_extra + param_signature(self.param_groups)
+        signature = "" if error else (f"{signature_extra}grad_reduce_dtype={grad_reduce_dtype}\n"
+                                      + param_signature(self.param_groups))
         try:
             check_same_on_all_ranks(self.comm, signature, local, type(self).__name__)
         except ValueError:
@@ -149,17 +157,47 @@ class ShardedOptimizer(torch.optim.Optimizer):
         collectively, so a rank with a missing gradient raises everywhere instead of hanging."""
         raise NotImplementedError
 
-    def bad_gradients(self, param_groups: list[dict]) -> list[str]:
+    def bad_gradients(self, param_groups: list[dict], reduced: dict | None = None) -> list[str]:
         """Phase 1: names of parameters in `param_groups` whose gradient is non-finite on any
-        rank (one all_reduce; raises on every rank if a gradient is present on some only)."""
-        return grad_flags(self.comm, param_groups, check_finite=True)
+        rank (one all_reduce; raises on every rank if a gradient is present on some only).
+        `reduced`: gradients dropped after an early reduction, default this optimizer's."""
+        return grad_flags(self.comm, param_groups, check_finite=True,
+                          reduced=self.backward.flags if reduced is None else reduced)
 
     def begin_update(self, grads_synced: bool) -> None:
         """Start of phases 2-4: count the step; without phase 1, check gradient presence."""
         if self.stats is not None:
             self.stats.steps += 1
         if not grads_synced and self.comm.world_size > 1:
-            grad_flags(self.comm, self.param_groups, check_finite=False)
+            grad_flags(self.comm, self.param_groups, check_finite=False, reduced=self.backward.flags)
+
+    # -- ZeRO-2 in backward (torch_impl/backward_reduce.py) ------------------------------------
+
+    def reduce_in_backward(self, loss: torch.Tensor):
+        """Context manager around the last micro-batch's `loss.backward()`: each reduce_scatter
+        bucket is launched as soon as its gradients are accumulated, and the full gradients
+        dropped (torch_impl/backward_reduce.py). Nothing changes at one rank."""
+        return reducing_in_backward([self], loss, self.comm, self.param_groups)
+
+    def reduction_buckets(self) -> list[tuple[torch.Tensor, ...]]:
+        """The parameters reduced by one reduce_scatter each (none at one rank)."""
+        return []
+
+    def launch_reduction(self, bucket: int, comm: Comm) -> Reduction:
+        """Pack bucket `bucket`'s gradients in `grad_reduce_dtype` and launch its reduce_scatter."""
+        raise NotImplementedError
+
+    def reduction(self, bucket: int) -> Reduction:
+        """Phase 2 for one bucket: the reduction launched in backward, else launched now."""
+        return self.backward.take(bucket) or self.launch_reduction(bucket, self.comm)
+
+    def has_grad(self, p: torch.Tensor) -> bool:
+        """p has a gradient this step (possibly already reduced and dropped in backward)."""
+        return self.backward.has_grad(p)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self.backward.clear()
 
     @torch.no_grad()
     def step(self, closure=None, check_finite: bool = True):
@@ -169,9 +207,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if check_finite and not gradients_ok(self.nonfinite, self.bad_gradients(self.param_groups)):
-            return loss
-        self.apply_update(grads_synced=check_finite)
+        with self.backward.consumed():
+            if check_finite and not gradients_ok(self.nonfinite, self.bad_gradients(self.param_groups)):
+                return loss
+            self.apply_update(grads_synced=check_finite)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -212,7 +251,7 @@ class Muon(ShardedOptimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5,
                  orthogonalizer="newton_schulz", weight_decay=0.0, cautious_weight_decay=False,
                  normuon_beta2=None, shape_scale="max_ratio", ns_dtype=torch.bfloat16,
-                 nonfinite="raise", process_group=None, track_stats=False):
+                 nonfinite="raise", process_group=None, track_stats=False, grad_reduce_dtype=torch.float32):
         def check_hyper():
             if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
                 raise ValueError(f"need lr ≥ 0, weight_decay ≥ 0, 0 ≤ momentum < 1; got "
@@ -228,7 +267,7 @@ class Muon(ShardedOptimizer):
                         cautious_weight_decay=cautious_weight_decay, normuon_beta2=normuon_beta2,
                         shape_scale=shape_scale, ns_dtype=ns_dtype)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group,
-                         track_stats=track_stats, check_hyper=check_hyper)
+                         track_stats=track_stats, grad_reduce_dtype=grad_reduce_dtype, check_hyper=check_hyper)
 
     def check_params(self) -> None:
         for group in self.param_groups:
@@ -304,6 +343,25 @@ class Muon(ShardedOptimizer):
         for i, p in enumerate(params):
             p.copy_(P[i].view_as(p))
 
+    def reduction_buckets(self) -> list[tuple[torch.Tensor, ...]]:
+        """One per stack (bucket b is self.layouts[b]); FSDP2 stacks have none: FSDP reduces."""
+        if self.comm.world_size == 1:
+            return []
+        return [layout.params if layout.row_chunk is None else () for layout in self.layouts]
+
+    def launch_reduction(self, bucket: int, comm: Comm) -> Reduction:
+        """The stack's gradients packed by its layout (rank r's matrices at [r·chunk, r·chunk +
+        count_r), zeros elsewhere) and reduce_scattered: rank r receives its own chunk."""
+        layout = self.layouts[bucket]
+        rows, cols = as_matrix_shape(layout.params[0].shape)
+        send = torch.zeros(layout.chunk * comm.world_size, rows, cols, dtype=self.grad_reduce_dtype,
+                           device=layout.params[0].device)
+        for p, slot in zip(layout.params, layout.slots):
+            if p.grad is not None:
+                send[slot].copy_(p.grad.reshape(rows, cols))
+        recv, work = comm.reduce_scatter_chunks(send)  # N = 1: `send` itself, no collective
+        return Reduction(send, recv, work)
+
     def count_work(self, layout: StackLayout, matrices: int) -> None:
         if self.stats is not None:
             self.stats.matrices += matrices
@@ -320,21 +378,14 @@ class Muon(ShardedOptimizer):
         #    owner the rows of its matrices (ShardedStack)
         pending, relayouts = [], []
         hypers = [self.hyper(group) for group in self.param_groups]  # once per group, not per stack
-        for layout in self.layouts:
-            stack = layout.params
-            if all(p.grad is None for p in stack):  # presence is identical on all ranks
+        for b, layout in enumerate(self.layouts):
+            if not any(self.has_grad(p) for p in layout.params):  # presence is identical on all ranks
                 continue
             hp = hypers[layout.group_index]
             if layout.row_chunk is not None:
                 relayouts.append(ShardedStack(layout, comm, hp))
                 continue
-            rows, cols = as_matrix_shape(stack[0].shape)
-            send = torch.zeros(layout.chunk * n, rows, cols, dtype=torch.float32, device=stack[0].device)
-            for p, slot in zip(stack, layout.slots):
-                if p.grad is not None:
-                    send[slot].copy_(p.grad.reshape(rows, cols))
-            recv, work = comm.reduce_scatter_chunks(send)  # N = 1: `send` itself, no collective
-            pending.append((hp, layout, send, recv, work))
+            pending.append((hp, layout, self.reduction(b)))
 
         # 3. update: per stack, wait for its gradients, step the matrices this rank holds (their
         #    slots are rank·chunk + j in stack order, so recv[j] is owned[j]), launch the gather.
@@ -343,13 +394,13 @@ class Muon(ShardedOptimizer):
         for relayout in relayouts:
             self.count_work(relayout.layout, relayout.direction(self))
         gathers = []
-        for hp, layout, _send, recv, work in pending:
-            work.wait()
+        for hp, layout, reduction in pending:
+            recv = reduction.wait()
             owned = [p for p in layout.params if self.placement(p).holds(rank)]
-            active = [j for j, p in enumerate(owned) if p.grad is not None]
+            active = [j for j, p in enumerate(owned) if self.has_grad(p)]
             if active:
                 grads = recv[:len(owned)] if len(active) == len(owned) else recv[active]
-                self.step_stack([owned[j] for j in active], grads, hp)
+                self.step_stack([owned[j] for j in active], grads.float(), hp)
                 self.count_work(layout, len(active))
             if n > 1:
                 rows, cols = recv.shape[-2:]
@@ -448,7 +499,8 @@ class AdamW(ShardedOptimizer):
     kind = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 nonfinite="raise", process_group=None, track_stats=False, shard_min_numel: int = 1024):
+                 nonfinite="raise", process_group=None, track_stats=False, shard_min_numel: int = 1024,
+                 grad_reduce_dtype=torch.float32):
         def check_hyper():
             if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
                 raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, "
@@ -457,7 +509,8 @@ class AdamW(ShardedOptimizer):
         self.shard_min_numel = shard_min_numel
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          nonfinite=nonfinite, process_group=process_group, track_stats=track_stats,
-                         check_hyper=check_hyper, signature_extra=f"shard_min_numel={shard_min_numel}\n")
+                         grad_reduce_dtype=grad_reduce_dtype, check_hyper=check_hyper,
+                         signature_extra=f"shard_min_numel={shard_min_numel}\n")
 
     def place(self) -> dict[torch.Tensor, Placement]:
         params = [p for g in self.param_groups for p in g["params"]]
@@ -477,6 +530,24 @@ class AdamW(ShardedOptimizer):
         beta1, beta2 = group["betas"]
         return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"])
+
+    def reduction_buckets(self) -> list[tuple[torch.Tensor, ...]]:
+        """One per row-sharded parameter (ZeRO-2), in group order. Fixed once placed (a
+        sharded optimizer takes no new groups), so computed once."""
+        if getattr(self, "_buckets", None) is None or self.comm.world_size == 1:
+            self._buckets = [(p,) for g in self.param_groups for p in g["params"]
+                             if type(self.placement(p)) is Rows]
+        return self._buckets
+
+    def launch_reduction(self, bucket: int, comm: Comm) -> Reduction:
+        """The gradient zero-padded to chunk·N rows, reduce_scattered: rank r gets its rows."""
+        (p,) = self.reduction_buckets()[bucket]
+        place = self.placement(p)
+        send = torch.zeros(place.chunk * comm.world_size, *p.shape[1:], dtype=self.grad_reduce_dtype,
+                           device=p.device)
+        send[:p.shape[0]].copy_(p.grad)
+        recv, work = comm.reduce_scatter_chunks(send)
+        return Reduction(send, recv, work)
 
     @torch.no_grad()
     def update(self, keys: list[torch.Tensor], params: list[torch.Tensor],
@@ -502,9 +573,10 @@ class AdamW(ShardedOptimizer):
         # 2. reduce: row-sharded parameters' fp32 gradients, zero-padded to c·N rows, each
         #    reduce_scattered; the replicated ones' gradients in one flat all_reduce (N > 1 only)
         sharded, small, fsdp = [], [], []
+        bucket_of = {bucket[0]: b for b, bucket in enumerate(self.reduction_buckets())}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:  # presence is identical on all ranks
+                if not self.has_grad(p):  # presence is identical on all ranks
                     continue
                 place = self.placement(p)
                 if isinstance(place, ShardedRows):  # FSDP2 reduced the gradient already
@@ -513,10 +585,7 @@ class AdamW(ShardedOptimizer):
                 if not isinstance(place, Rows):
                     small.append((group, p))
                     continue
-                send = torch.zeros(place.chunk * n, *p.shape[1:], dtype=torch.float32, device=p.device)
-                send[:p.shape[0]].copy_(p.grad)
-                recv, work = comm.reduce_scatter_chunks(send)
-                sharded.append((group, p, place, send, recv, work))
+                sharded.append((group, p, place, self.reduction(bucket_of[p])))
         small_grads = [p.grad for _, p in small]
         if small and n > 1:
             flat = torch.cat([p.grad.reshape(-1).float() for _, p in small])
@@ -525,8 +594,8 @@ class AdamW(ShardedOptimizer):
 
         # 3. update: per sharded parameter, wait, update this rank's rows, launch the gather
         gathers = []
-        for group, p, place, _send, recv, work in sharded:
-            work.wait()
+        for group, p, place, reduction in sharded:
+            recv = reduction.wait()
             start, end = place.local_rows(rank)
             if end > start:
                 self.update([p], [p[start:end]], [recv[:end - start]], group)
@@ -658,17 +727,27 @@ class HybridOptimizer:
 
     def gradients_ok(self) -> bool:
         # Both parts talk to the same group: either part's check covers all groups in one
-        # collective.
+        # collective (with both parts' gradients dropped after an early reduction).
         first = next(iter(self.optimizers.values()))
-        return gradients_ok(self.nonfinite, first.bad_gradients(self.param_groups))
+        reduced = {p: f for o in self.optimizers.values() for p, f in o.backward.flags.items()}
+        return gradients_ok(self.nonfinite, first.bad_gradients(self.param_groups, reduced))
+
+    def reduce_in_backward(self, loss: torch.Tensor):
+        """Both parts' ZeRO-2 hooks armed for the last micro-batch's `loss.backward()`, with one
+        presence check for both (ShardedOptimizer.reduce_in_backward)."""
+        first = next(iter(self.optimizers.values()))
+        return reducing_in_backward(list(self.optimizers.values()), loss, first.comm, self.param_groups)
 
     @torch.no_grad()
     def step(self) -> bool:
         """One step of both optimizers. Returns False if a non-finite gradient skipped it."""
-        if not self.gradients_ok():
-            return False
-        for opt in self.optimizers.values():
-            opt.apply_update(grads_synced=True)
+        with ExitStack() as stack:
+            for opt in self.optimizers.values():
+                stack.enter_context(opt.backward.consumed())
+            if not self.gradients_ok():
+                return False
+            for opt in self.optimizers.values():
+                opt.apply_update(grads_synced=True)
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -708,6 +787,8 @@ def hybrid(
     nonfinite: str = "raise",
     matrix_optimizer: str = "muon",
     adamw_matrix_lr: float = 0.003,
+    grad_reduce_dtype: torch.dtype = torch.float32,
+    track_stats: bool = False,
     **muon_kwargs,
 ) -> HybridOptimizer:
     """Split parameters the nanochat way and build the optimizer pair.
@@ -717,7 +798,9 @@ def hybrid(
     that none can go to Muon raise (a flattening wrapper would otherwise make the run
     AdamW-only without a word).
     The three AdamW groups' learning rates are multiplied by (model_dim/768)^-½ when
-    `model_dim` is given; `muon_kwargs` go to Muon (momentum, weight_decay, ...).
+    `model_dim` is given; `muon_kwargs` go to Muon (momentum, weight_decay, ...);
+    `grad_reduce_dtype` (the gradients' wire format in the reduce_scatters) and
+    `track_stats` (byte and work counters, `opt.optimizers[k].stats`) to both.
     `matrix_optimizer="adamw"` is the AdamW-only baseline: the block matrices form a fourth
     AdamW group (first, label "matrix") with lr `adamw_matrix_lr` (not width-scaled) and
     Muon's `weight_decay`; the other groups are the same as in the hybrid."""
@@ -754,7 +837,8 @@ def hybrid(
                                        weight_decay=muon_kwargs.get("weight_decay", 0.0)))
         matrices = []
     AdamCls, MuonCls = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
-    muon = MuonCls(matrices, lr=matrix_lr, nonfinite=nonfinite, **muon_kwargs) if matrices else None
+    common = dict(nonfinite=nonfinite, grad_reduce_dtype=grad_reduce_dtype, track_stats=track_stats)
+    muon = MuonCls(matrices, lr=matrix_lr, **common, **muon_kwargs) if matrices else None
     adamw = AdamCls(adam_groups, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay,
-                    nonfinite=nonfinite) if adam_groups else None
+                    **common) if adam_groups else None
     return HybridOptimizer(muon, adamw, nonfinite)
