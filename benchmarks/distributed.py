@@ -69,10 +69,12 @@ def _naive_step(params, opt, comm_bytes):
     opt.step()
 
 
-def _timed(fn, steps: int) -> tuple[float, float | None]:
-    """Median seconds per call (between barriers) and mean loopback bytes per call."""
+def timed(fn, steps: int, warmup: bool = True) -> tuple[float, float | None]:
+    """Median seconds per call (between barriers) and mean loopback bytes per call, after one
+    warm-up call (lazy state, allocator) unless `warmup` is False."""
     times, wire = [], []
-    fn()  # warm-up: lazy state, allocator
+    if warmup:
+        fn()
     for _ in range(steps):
         dist.barrier()
         b0, t0 = lo_tx_bytes(), time.perf_counter()
@@ -111,7 +113,7 @@ def _worker(rank, n, port, cfg, results):
                 ("reduce_scatter", lambda: dist.reduce_scatter_tensor(part, x, op=dist.ReduceOp.AVG), 1),
                 ("all_gather", lambda: dist.all_gather_into_tensor(full, part), 1),
                 ("all_reduce", lambda: dist.all_reduce(x, op=dist.ReduceOp.AVG), 2)):
-            sec, wire = _timed(fn, cfg["steps"])
+            sec, wire = timed(fn, cfg["steps"])
             theory = ring * (n - 1) / n * numel * 4
             if rank == 0:
                 rows.append(dict(optimizer="gloo", scheme=name, world_size=n, step_s=sec,
@@ -135,7 +137,7 @@ def _worker(rank, n, port, cfg, results):
             step = opt.step if scheme == "dist" else functools.partial(_naive_step, params, opt, comm)
             if scheme == "dist":
                 opt.stats.reset()
-            sec, wire = _timed(step, cfg["steps"])
+            sec, wire = timed(step, cfg["steps"])
             if scheme == "dist":
                 s = opt.stats
                 sent = s.total_bytes_sent / s.steps

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.distributed import lo_tx_bytes, run_world
+from benchmarks.distributed import run_world, timed
 from benchmarks.report import write_report
 
 SCHEMES = ("zero2_step", "zero2_backward", "fsdp", "fsdp_torch_muon")
@@ -139,22 +139,13 @@ def measure(scheme: str, base, mesh, n: int, rank: int, cfg: dict) -> tuple[dict
         part.stats.reset()
     if traffic is not None:
         traffic.stats.reset()
-    times, wire = [], []
-    for _ in range(cfg["steps"]):
-        dist.barrier()
-        b0, t0 = lo_tx_bytes(), time.perf_counter()
-        step()
-        dist.barrier()
-        t1, b1 = time.perf_counter(), lo_tx_bytes()
-        times.append(t1 - t0)
-        if b0 is not None:
-            wire.append(b1 - b0)
+    sec, wire = timed(step, cfg["steps"], warmup=False)
     sent = sum(part.stats.total_bytes_sent for part in parts)
     if traffic is not None:
         sent += traffic.stats.total_bytes_sent
     # the bytes the ZeRO-2 collectives move: stacks padded to chunk·N matrices, rows to chunk·N
     padded = sum(padded_bytes(part, n) for part in parts)
-    return dict(sec=statistics.median(times), wire=statistics.mean(wire) if wire else None, padded=padded,
+    return dict(sec=sec, wire=wire, padded=padded,
                 sent=sent / cfg["steps"], params=nbytes(model.parameters()), grads=grads,
                 state=state_bytes(parts + ([torch_muon] if torch_muon else [])),
                 balance=opt.optimizers["muon"].owner_balance() if "muon" in opt.optimizers else None), named
