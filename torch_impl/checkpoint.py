@@ -161,8 +161,9 @@ def _set_rng_state(state: dict) -> None:
 # saving
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer, tokenizer,
-                    loader_state: dict, extra_meta: dict, rank: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    loader_state: dict, extra_meta: dict, rank: int = 0, keep: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. `keep` > 0: once this
+    one is complete, delete all but the newest `keep` checkpoints of the run."""
     root = checkpoints_dir(out_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
@@ -192,6 +193,12 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
             shutil.rmtree(old)
         else:
             tmp.rename(final)
+        if keep > 0:
+            for _, old_ckpt in list_checkpoints(out_dir)[:-keep]:
+                # renamed first, so an interrupted delete never leaves a half checkpoint named step_*
+                trash = old_ckpt.with_name(f".tmp-old-{old_ckpt.name}")
+                old_ckpt.rename(trash)
+                shutil.rmtree(trash)
     _barrier()
     return final
 

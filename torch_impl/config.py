@@ -93,6 +93,9 @@ class TrainConfig:
     ns_dtype: str = flag("auto", OPTIMIZER, "orthogonalizer compute dtype; auto: bfloat16 on CUDA, float32 on CPU "
                                             "(CPUs without AVX512-BF16 emulate bf16 matmuls, 10-40x slower)",
                          choices=("auto", "float32", "bfloat16"))
+    nonfinite: str = flag("raise", OPTIMIZER, "a NaN/inf gradient on any rank: raise (stop with an error naming the "
+                                              "step and the parameters, nothing updated) or skip (skip that step on "
+                                              "every rank, logged)", choices=("raise", "skip"))
     grad_clip: float = flag(0.0, OPTIMIZER, "clip the global norm of the rank-averaged gradient to this value; "
                                             "0 = off. Costs one extra all-reduce of all gradients per step, and "
                                             "under --sharding zero2 the reduce_scatters then wait for the step "
@@ -110,6 +113,8 @@ class TrainConfig:
                                         "0 = end only")
     eval_tokens: int = flag(65536, OUTPUT, "validation tokens per evaluation")
     checkpoint_every: int = flag(0, OUTPUT, "checkpoint every N steps; 0 = at the end only")
+    keep_checkpoints: int = flag(0, OUTPUT, "keep only the newest K checkpoints of the run (older ones are deleted "
+                                            "after each new one is complete); 0 = keep all")
     no_checkpoint: bool = flag(False, OUTPUT, "write no checkpoint, not even at the end (benchmarks, throwaway "
                                               "runs)")
     out_dir: str | None = flag(None, OUTPUT, "run directory (metrics.jsonl, config.json, checkpoints/); default "
@@ -118,7 +123,9 @@ class TrainConfig:
         None, OUTPUT, "continue a run: from the latest checkpoint in --out-dir, or from CKPT (a checkpoint directory "
                       "or a run directory); model, optimizer, step and data position are restored. The flags must "
                       "describe the same model, data and optimizer (checked); the schedule follows this run's "
-                      "--steps", nargs="?", const="latest", metavar="CKPT")
+                      "--steps. `--resume auto`: continue from the latest checkpoint if --out-dir has one, else "
+                      "start afresh there (one command line for the first launch and every restart, e.g. under "
+                      "torchrun --max-restarts)", nargs="?", const="latest", metavar="CKPT")
     overwrite: bool = flag(False, OUTPUT, "start afresh in an --out-dir that holds a previous run (deletes its "
                                           "checkpoints and metrics)")
     stop_at: int | None = flag(None, OUTPUT, "stop after this step with a checkpoint, as if preempted (the schedule "
@@ -130,6 +137,9 @@ class TrainConfig:
     seed: int = flag(0, SYSTEM, "seed of the weight init and of sampling")
     device: str = flag("auto", SYSTEM, "auto (cuda if available), cpu or cuda")
     compile: bool = flag(False, SYSTEM, "torch.compile the model for training")
+    collective_timeout: float = flag(120.0, SYSTEM, "seconds a collective of the training loop may wait for the other "
+                                                    "ranks before the run fails with an error naming the step (a rank "
+                                                    "died or hangs); checkpoint I/O gets 5x this")
     sharding: str = flag("zero2", SYSTEM, "how the ranks split the training state. zero2: every rank holds the whole "
                                           "model; optimizer state and work split over ranks (DistMuon / DistAdamW). "
                                           "fsdp: FSDP2 (fully_shard per block): parameters, gradients and optimizer "
@@ -232,7 +242,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        for name in ("eval_every", "checkpoint_every", "sample_tokens", "momentum_warmup_steps"):
+        for name in ("eval_every", "checkpoint_every", "sample_tokens", "momentum_warmup_steps", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "adamw_matrix_lr", "weight_decay", "grad_clip",
@@ -250,6 +260,9 @@ class TrainConfig:
             raise UsageError("--tokenizer bpe needs the HuggingFace `tokenizers` package (pip install tokenizers)")
         if self.resume is not None and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other")
+        if not math.isfinite(self.collective_timeout) or self.collective_timeout <= 0:
+            raise UsageError(f"--collective-timeout must be a finite number of seconds > 0, "
+                             f"got {self.collective_timeout}")
         if self.no_checkpoint and (self.stop_at is not None or self.checkpoint_every > 0):
             raise UsageError("--no-checkpoint contradicts --stop-at and --checkpoint-every")
 

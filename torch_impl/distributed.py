@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -69,6 +70,33 @@ class Dist:
     def master(self) -> bool:
         """Rank 0: the one that prints and writes shared files."""
         return self.rank == 0
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective did not complete: another rank died, hung, or fell far behind."""
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` comes from a collective that failed or timed out (gloo and NCCL raise
+    RuntimeError subclasses, with the backend's name in the message)."""
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(k in str(e) for k in ("gloo", "NCCL", "Timed out", "Connection")))
+
+
+@contextmanager
+def collective_timeout(seconds: float, restore: float, group=None):
+    """Collectives of `group` (the default one) may wait `seconds` inside the block, then
+    `restore` seconds again: e.g. a longer bound for checkpoint I/O than for the training loop.
+    A no-op without a process group."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+    if not is_initialized():
+        yield
+        return
+    _set_pg_timeout(timedelta(seconds=seconds), group)
+    try:
+        yield
+    finally:
+        _set_pg_timeout(timedelta(seconds=restore), group)
 
 
 def init_from_env(device: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT) -> Dist:

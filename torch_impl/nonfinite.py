@@ -11,7 +11,19 @@ NONFINITE_POLICIES = ("raise", "skip")
 
 
 class NonFiniteGradientError(ValueError):
-    """A gradient holds NaN or inf; the message names the parameters."""
+    """A gradient holds NaN or inf; the message names the parameters (`names`)."""
+
+    def __init__(self, message: str, names: list[str] | None = None):
+        super().__init__(message)
+        self.names = names or []
+
+    def with_hint(self, how_to_skip: str) -> str:
+        """The message with the caller's way to skip such steps (a flag, an argument)."""
+        return nonfinite_message(self.names, how_to_skip) if self.names else str(self)
+
+
+def nonfinite_message(names: list[str], how_to_skip: str) -> str:
+    return f"non-finite gradient in {', '.join(names)}; nothing was updated (pass {how_to_skip} to skip such steps)"
 
 
 def check_policy(policy: str) -> str:
@@ -25,6 +37,5 @@ def gradients_ok(policy: str, bad: list[str]) -> bool:
     if not bad:
         return True
     if policy == "raise":
-        raise NonFiniteGradientError(f"non-finite gradient in {', '.join(bad)}; nothing was "
-                                 "updated (pass nonfinite='skip' to skip such steps)")
+        raise NonFiniteGradientError(nonfinite_message(bad, "nonfinite='skip'"), bad)
     return False

@@ -60,6 +60,7 @@ class Plan:
     ns_dtype: torch.dtype
     resume_from: Path | None
     resume_meta: dict | None
+    replace_previous: bool  # --overwrite, or --resume auto without a checkpoint: clear the old run first
 
 
 def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
@@ -69,9 +70,12 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
 
     # which checkpoint to resume from, and what it says
     resume_from, resume_meta = None, None
-    if cfg.resume is not None:
+    # --resume auto: continue if there is a checkpoint, else start afresh (replacing what a run that
+    # died before its first checkpoint left behind)
+    fresh_start = cfg.resume == "auto" and latest_checkpoint(out_dir) is None
+    if cfg.resume is not None and not fresh_start:
         try:
-            if cfg.resume == "latest":
+            if cfg.resume in ("latest", "auto"):
                 resume_from = latest_checkpoint(out_dir)
                 if resume_from is None:
                     raise CheckpointError(f"--resume: no checkpoint in {out_dir}/checkpoints to resume from")
@@ -80,7 +84,8 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
             resume_meta = read_meta(resume_from)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
-    elif out_dir.exists() and not cfg.overwrite and (list_checkpoints(out_dir) or (out_dir / METRICS_FILE).exists()):
+    elif (out_dir.exists() and not cfg.overwrite and not fresh_start
+          and (list_checkpoints(out_dir) or (out_dir / METRICS_FILE).exists())):
         raise UsageError(f"{out_dir} holds a previous run; pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another --out-dir")
 
@@ -147,7 +152,8 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     if resume_meta is not None:
         check_resume(resume_from, resume_meta, config, cfg, train_tokens, num_steps)
     return Plan(cfg, config, tokenizer, train_tokens, val_tokens, (len(train_docs), len(val_docs)), grad_accum,
-                total_batch_size, num_steps, eval_steps, out_dir, ns_dtype, resume_from, resume_meta)
+                total_batch_size, num_steps, eval_steps, out_dir, ns_dtype, resume_from, resume_meta,
+                cfg.overwrite or fresh_start)
 
 
 def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:

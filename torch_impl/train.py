@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,14 @@ from torch_impl.checkpoint import load_training_state, save_checkpoint
 from torch_impl.config import TrainConfig, UsageError
 from torch_impl.dataloader import DistributedTokenLoader, bits_per_byte, bpb_sums, token_bytes
 from torch_impl.device import autocast, peak_flops, synchronize
-from torch_impl.distributed import Dist, clip_grad_norm_synchronized_, init_from_env
+from torch_impl.distributed import (
+    CollectiveFailure,
+    Dist,
+    clip_grad_norm_synchronized_,
+    collective_timeout,
+    init_from_env,
+    is_collective_failure,
+)
 from torch_impl.gpt import GPT
 from torch_impl.nonfinite import NonFiniteGradientError
 from torch_impl.optim import HybridOptimizer, hybrid
@@ -87,7 +95,7 @@ def build_optimizer(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype, distrib
                  matrix_optimizer="adamw" if cfg.optimizer == "adamw" else "muon",
                  adamw_matrix_lr=cfg.adamw_matrix_lr, weight_decay=cfg.weight_decay,
                  orthogonalizer=cfg.orthogonalizer, ns_steps=cfg.ns_steps, ns_dtype=ns_dtype,
-                 grad_reduce_dtype=getattr(torch, cfg.grad_reduce_dtype),
+                 grad_reduce_dtype=getattr(torch, cfg.grad_reduce_dtype), nonfinite=cfg.nonfinite,
                  normuon_beta2=cfg.normuon_beta2, cautious_weight_decay=cfg.cautious_wd)
     # Every block holds 6 matrices (attn c_q, c_k, c_v, c_proj; mlp c_fc, c_proj): a wrapper that
     # renamed or flattened them would otherwise turn the run into AdamW-only without a word.
@@ -134,12 +142,21 @@ class Logger:
         if resume_step is None:
             self.path.write_text("")
         else:
-            # drop records past the checkpoint: the steps after it are about to be redone
-            kept = []
+            # drop records past the checkpoint: the steps after it are about to be redone; a line that
+            # does not parse is the torn last write of a killed run: dropped (repaired), and said so
+            kept, torn = [], 0
             if self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                for line in self.path.read_text().splitlines():
+                    try:
+                        record = json.loads(line) if line.strip() else None
+                    except json.JSONDecodeError:
+                        torn += 1
+                        continue
+                    if record is not None and record.get("step", 0) <= resume_step:
+                        kept.append(line)
             self.path.write_text("".join(line + "\n" for line in kept))
+            if torn:
+                self.print(f"{self.path}: dropped {torn} unreadable line(s) (a write cut short by a crash)")
         if sys.stdout.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False,
@@ -177,7 +194,7 @@ def start_out_dir(plan: Plan, d: Dist) -> None:
         dist.barrier()
     if d.master:
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        if plan.cfg.overwrite:
+        if plan.replace_previous:
             shutil.rmtree(plan.out_dir / "checkpoints", ignore_errors=True)
         (plan.out_dir / CONFIG_FILE).write_text(json.dumps(dict(
             args=plan.cfg.to_dict(), model_config=asdict(plan.model_config), world_size=d.world_size,
@@ -209,7 +226,8 @@ def train(plan: Plan, d: Dist) -> dict:
 
     start_step = 0
     if plan.resume_from is not None:
-        meta = load_training_state(plan.resume_from, model, optimizer, d.rank)
+        with collective_timeout(5 * cfg.collective_timeout, restore=cfg.collective_timeout):
+            meta = load_training_state(plan.resume_from, model, optimizer, d.rank)
         loader.load_state_dict(meta["loader"])
         start_step = meta["step"]
 
@@ -241,64 +259,84 @@ def train(plan: Plan, d: Dist) -> dict:
         last_val = run_eval(0)
 
     step = start_step
-    times = []
-    while step < stop_at:
-        lrm = schedule.lr_multiplier(step, plan.num_steps, cfg.warmup_ratio, cfg.warmdown_ratio,
-                                     cfg.final_lr_frac)
-        momentum = schedule.muon_momentum(step, cfg.momentum_warmup_steps)
-        optimizer.set_lr_multiplier(lrm)
-        optimizer.set_muon_momentum(momentum)
+    times, skipped = [], 0
+    running = step
+    try:
+        while step < stop_at:
+            running = step + 1  # the step a failure below belongs to
+            lrm = schedule.lr_multiplier(step, plan.num_steps, cfg.warmup_ratio, cfg.warmdown_ratio,
+                                         cfg.final_lr_frac)
+            momentum = schedule.muon_momentum(step, cfg.momentum_warmup_steps)
+            optimizer.set_lr_multiplier(lrm)
+            optimizer.set_muon_momentum(momentum)
 
-        synchronize(d.device)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=d.device)
-        for micro in range(plan.grad_accum):
-            x, y = next(loader)
-            with autocast(d.device):
-                loss = train_model(x, y)
-            loss_sum += loss.detach()
-            # each micro-batch's mean loss, scaled so the accumulated gradient is the mean over them
-            loss = loss / plan.grad_accum
-            if reduce_in_backward and micro == plan.grad_accum - 1:
-                with optimizer.reduce_in_backward(loss):  # ZeRO-2: reduce_scatter as gradients appear
+            synchronize(d.device)
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=d.device)
+            for micro in range(plan.grad_accum):
+                x, y = next(loader)
+                with autocast(d.device):
+                    loss = train_model(x, y)
+                loss_sum += loss.detach()
+                # each micro-batch's mean loss, scaled so the accumulated gradient is the mean over them
+                loss = loss / plan.grad_accum
+                if reduce_in_backward and micro == plan.grad_accum - 1:
+                    with optimizer.reduce_in_backward(loss):  # ZeRO-2: reduce_scatter as gradients appear
+                        loss.backward()
+                else:
                     loss.backward()
-            else:
-                loss.backward()
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = clip_grad_norm_synchronized_(model.parameters(), cfg.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mean_loss = loss_sum / plan.grad_accum
-        if d.active:
-            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)  # the loss of the whole batch, for the log
-        loss_value = mean_loss.item()  # also waits for the step to finish
-        synchronize(d.device)
-        dt = time.perf_counter() - t0
-        step += 1
-        times.append(dt)
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = clip_grad_norm_synchronized_(model.parameters(), cfg.grad_clip).item()
+            try:
+                stepped = optimizer.step()
+            except NonFiniteGradientError as e:
+                raise NonFiniteGradientError(f"step {step + 1}: {e.with_hint('--nonfinite skip')}") from None
+            optimizer.zero_grad(set_to_none=True)
+            if not stepped:
+                skipped += 1
+                log.record(f"step {step + 1:5d} | skipped: non-finite gradient (--nonfinite skip; {skipped} so far)",
+                           type="skipped", step=step + 1)
+            mean_loss = loss_sum / plan.grad_accum
+            if d.active:
+                dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)  # the loss of the whole batch, for the log
+            loss_value = mean_loss.item()  # also waits for the step to finish
+            synchronize(d.device)
+            dt = time.perf_counter() - t0
+            step += 1
+            times.append(dt)
 
-        if not math.isfinite(loss_value):
-            raise NonFiniteGradientError(f"loss is {loss_value} at step {step}: training diverged")
-        tok_per_s = plan.total_batch_size / dt
-        mfu = flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
-        text = (f"step {step:5d}/{plan.num_steps} | loss {loss_value:.6f} | lrm {lrm:.3f} | mom {momentum:.3f} | "
-                f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu " + (f"{mfu:.2%}" if mfu is not None else "n/a"))
-        if grad_norm is not None:
-            text += f" | gnorm {grad_norm:.3f}"
-        log.record(text, type="train", step=step, loss=loss_value, lr_multiplier=lrm, muon_momentum=momentum,
-                   dt=dt, tokens_per_s=tok_per_s, mfu=mfu, grad_norm=grad_norm)
-        log.advance()
+            if not math.isfinite(loss_value) and stepped:  # a skipped step (--nonfinite skip) changed nothing
+                raise NonFiniteGradientError(f"loss is {loss_value} at step {step}: training diverged")
+            tok_per_s = plan.total_batch_size / dt
+            mfu = flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
+            text = (f"step {step:5d}/{plan.num_steps} | loss {loss_value:.6f} | lrm {lrm:.3f} | mom {momentum:.3f} | "
+                    f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu "
+                    + (f"{mfu:.2%}" if mfu is not None else "n/a"))
+            if grad_norm is not None:
+                text += f" | gnorm {grad_norm:.3f}"
+            log.record(text, type="train", step=step, loss=loss_value, lr_multiplier=lrm, muon_momentum=momentum,
+                       dt=dt, tokens_per_s=tok_per_s, mfu=mfu, grad_norm=grad_norm)
+            log.advance()
 
-        last = step == plan.num_steps
-        if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-            last_val = run_eval(step)
-        if not cfg.no_checkpoint and (last or step == stop_at or
-                                      (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
-            t = time.perf_counter()
-            path = save_checkpoint(plan.out_dir, step, model, optimizer, plan.tokenizer, loader.state_dict(),
-                                   dict(args=cfg.to_dict(), optimizer=cfg.optimizer), d.rank)
-            log.print(f"step {step:5d} | checkpoint {path} ({time.perf_counter() - t:.1f}s)")
+            last = step == plan.num_steps
+            if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+                last_val = run_eval(step)
+            if not cfg.no_checkpoint and (last or step == stop_at or
+                                          (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                t = time.perf_counter()
+                with collective_timeout(5 * cfg.collective_timeout, restore=cfg.collective_timeout):
+                    path = save_checkpoint(plan.out_dir, step, model, optimizer, plan.tokenizer,
+                                           loader.state_dict(), dict(args=cfg.to_dict(), optimizer=cfg.optimizer),
+                                           d.rank, keep=cfg.keep_checkpoints)
+                log.print(f"step {step:5d} | checkpoint {path} ({time.perf_counter() - t:.1f}s)")
+    except Exception as e:
+        if not is_collective_failure(e):
+            raise
+        raise CollectiveFailure(
+            f"step {running}: a collective did not complete within --collective-timeout {cfg.collective_timeout:g} s "
+            f"(a rank died, hangs, or is far behind; rank {d.rank} of {d.world_size} reports: "
+            f"{str(e).strip().splitlines()[0][:300]})") from None
     log.close()
 
     # steady-state throughput: the first step pays for warm-up (allocations, compilation)
@@ -332,7 +370,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig.from_argv(argv)
     d = None
     try:
-        d = init_from_env(cfg.device_type())
+        d = init_from_env(cfg.device_type(), timeout=timedelta(seconds=cfg.collective_timeout))
         train(plan_run(cfg, d), d)
         if d.active:
             # every rank reaches the teardown together: a rank that exits while a peer is still
@@ -347,6 +385,9 @@ def main(argv=None) -> int:
         if d is None or d.master:
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except CollectiveFailure as e:  # every surviving rank says it: rank 0 may be the one that died
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,138 @@
+"""Reliability of the training entry point (issue 10, first part): one command line that starts and
+continues a run (`--resume auto`), checkpoint retention, a torn metrics line, the non-finite policy
+as a flag with the step in the message, and a hung rank that ends the run within
+--collective-timeout with a message naming the step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train.common import REPO, TINY, check, env, metrics, run
+from torch_impl.checkpoint import list_checkpoints
+from torch_impl.train import main
+
+ARGS = [*TINY, "--steps", "5", "--eval-every", "0"]
+
+
+def losses(out_dir):
+    return [(r["step"], r["loss"]) for r in metrics(out_dir, "train")]
+
+
+def test_resume_auto_starts_then_continues_bit_identically(tmp_path):
+    """The same command line launched into an empty directory starts the run; launched again after
+    a stop, it continues from the latest checkpoint; launched after the end, it has nothing to do.
+    A directory a run left without any checkpoint (killed early) is started afresh."""
+    straight, auto = tmp_path / "straight", tmp_path / "auto"
+    check(run([*ARGS, "--out-dir", str(straight)]))
+    first = check(run([*ARGS, "--out-dir", str(auto), "--resume", "auto", "--stop-at", "3"]))
+    assert "resumed" not in first.stdout and [s for s, _ in list_checkpoints(auto)] == [3]
+    second = check(run([*ARGS, "--out-dir", str(auto), "--resume", "auto"]))
+    assert "resumed from" in second.stdout
+    assert losses(auto) == losses(straight)  # exact float equality
+    done = check(run([*ARGS, "--out-dir", str(auto), "--resume", "auto"]))
+    assert "nothing to do" in done.stdout
+
+    early = tmp_path / "early"  # a run that died before its first checkpoint: metrics, no checkpoint
+    early.mkdir()
+    (early / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 9.9}\n')
+    check(run([*ARGS, "--out-dir", str(early), "--resume", "auto"]))
+    assert losses(early) == losses(straight)
+
+
+def test_keep_checkpoints_deletes_the_oldest(tmp_path):
+    out = tmp_path / "run"
+    check(run([*ARGS, "--out-dir", str(out), "--checkpoint-every", "1", "--keep-checkpoints", "2"]))
+    assert [s for s, _ in list_checkpoints(out)] == [4, 5]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    out = tmp_path / "run"
+    check(run([*ARGS, "--out-dir", str(out), "--stop-at", "2"]))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"type": "train", "step": 3, "lo')  # a write cut short by a kill
+    resumed = check(run([*ARGS, "--out-dir", str(out), "--resume"]))
+    assert "dropped 1 unreadable line" in resumed.stdout
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5]  # and the file parses again
+
+
+class PoisonAt:
+    """Make the loss NaN at one training step (micro-batch count), from inside the process."""
+
+    def __init__(self, monkeypatch, at_call: int):
+        from torch_impl import gpt
+        forward, calls = gpt.GPT.forward, [0]
+
+        def poisoned(model, idx, targets=None, **kw):
+            out = forward(model, idx, targets, **kw)
+            if targets is not None and model.training:
+                calls[0] += 1
+                if calls[0] == at_call:
+                    return out * float("nan")
+            return out
+
+        monkeypatch.setattr(gpt.GPT, "forward", poisoned)
+
+
+def test_nonfinite_raise_names_the_step_and_the_flag(tmp_path, monkeypatch, capsys):
+    PoisonAt(monkeypatch, 3)
+    code = main([*ARGS, "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: step 3: non-finite gradient in" in err and "--nonfinite skip" in err, err
+
+
+def test_nonfinite_skip_skips_the_step_and_logs_it(tmp_path, monkeypatch, capsys):
+    PoisonAt(monkeypatch, 3)
+    out = tmp_path / "run"
+    assert main([*ARGS, "--out-dir", str(out), "--nonfinite", "skip"]) == 0
+    assert [r["step"] for r in metrics(out, "skipped")] == [3]
+    assert len(metrics(out, "train")) == 5
+
+
+def test_hung_rank_ends_the_run_within_the_collective_timeout(tmp_path):
+    """Rank 1 is frozen (SIGSTOP) mid-run: rank 0 gives up after --collective-timeout with a message
+    naming the step, instead of waiting the old 300 s; the whole job exits non-zero."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "torch_impl.train", *TINY, "--steps", "400", "--eval-every", "0", "--no-checkpoint",
+           "--collective-timeout", "5", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step     3/"):
+                break
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ranks = {}
+        for pid in children:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((e.split(b"=")[1] for e in environ if e.startswith(b"RANK=")), None)
+            ranks[rank] = int(pid)
+        frozen_at = time.monotonic()
+        os.kill(ranks[b"1"], signal.SIGSTOP)
+        _, err = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - frozen_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "a collective did not complete within --collective-timeout 5 s" in err and "error: step " in err, err[-3000:]
+    assert elapsed < 60, elapsed  # 5 s timeout + teardown, far below the old 300 s
+
+
+@pytest.mark.parametrize("bad", [["--collective-timeout", "0"], ["--keep-checkpoints", "-1"],
+                                 ["--nonfinite", "ignore"]])
+def test_bad_reliability_flags_exit_2(tmp_path, capsys, bad):
+    try:
+        code = main([*ARGS, "--out-dir", str(tmp_path / "run"), *bad])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and not (tmp_path / "run").exists()
