@@ -113,6 +113,8 @@ class TrainConfig:
                                         "0 = end only")
     eval_tokens: int = flag(65536, OUTPUT, "validation tokens per evaluation")
     checkpoint_every: int = flag(0, OUTPUT, "checkpoint every N steps; 0 = at the end only")
+    checkpoint_minutes: float = flag(30.0, OUTPUT, "also checkpoint when this many minutes have passed since the "
+                                                   "last checkpoint (or the start); 0 = off")
     keep_checkpoints: int = flag(0, OUTPUT, "keep only the newest K checkpoints of the run (older ones are deleted "
                                             "after each new one is complete); 0 = keep all")
     no_checkpoint: bool = flag(False, OUTPUT, "write no checkpoint, not even at the end (benchmarks, throwaway "
@@ -250,6 +252,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+            if v > torch.finfo(torch.float32).max:  # the optimizers compute in fp32: it would become inf
+                raise UsageError(f"--{name.replace('_', '-')} {v} overflows float32 (max "
+                                 f"{torch.finfo(torch.float32).max:.3g})")
         if self.normuon_beta2 is not None and not 0 <= self.normuon_beta2 < 1:
             raise UsageError(f"--normuon-beta2 must be in [0, 1), got {self.normuon_beta2}")
         if not 0 < self.val_fraction < 1:
@@ -260,6 +265,8 @@ class TrainConfig:
             raise UsageError("--tokenizer bpe needs the HuggingFace `tokenizers` package (pip install tokenizers)")
         if self.resume is not None and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other")
+        if not math.isfinite(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
+            raise UsageError(f"--checkpoint-minutes must be a finite number >= 0, got {self.checkpoint_minutes}")
         if not math.isfinite(self.collective_timeout) or self.collective_timeout <= 0:
             raise UsageError(f"--collective-timeout must be a finite number of seconds > 0, "
                              f"got {self.collective_timeout}")

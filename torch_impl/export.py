@@ -28,14 +28,35 @@ from torch_impl.gpt import GPT, GPTConfig
 CONFIG_KEY = "gpt_config"
 
 
-def export_safetensors(model: GPT, path: str | os.PathLike) -> Path:
-    """Write the model's parameters as fp32 safetensors (atomically: temp file + rename)."""
+def check_output_path(path: str | os.PathLike) -> Path:
+    """ValueError unless `path` can become a file: not a directory, and its nearest existing
+    ancestor a writable directory. Checked before any work (loading a checkpoint, writing)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {parent} is not a writable directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {path}: the file is not writable")
+    return path
+
+
+def export_safetensors(model: GPT, path: str | os.PathLike) -> Path:
+    """Write the model's parameters as fp32 safetensors (atomically: temp file + rename; the
+    temporary file is removed if writing fails)."""
+    path = check_output_path(path)
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(asdict(model.config))})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(asdict(model.config))})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -59,11 +80,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output .safetensors file")
     args = parser.parse_args(argv)
     try:
+        check_output_path(args.out)
         model, _, meta = load_model(args.checkpoint)
-    except CheckpointError as e:
+        path = export_safetensors(model, args.out)
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = export_safetensors(model, args.out)
+    except OSError as e:  # the disk filled up, the file system went away: nothing half-written is left
+        print(f"error: writing {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {path} (step {meta['step']}, {model.num_params():,} parameters, config {asdict(model.config)})")
     return 0
 

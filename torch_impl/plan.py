@@ -10,6 +10,7 @@ communication is the broadcast of a freshly trained BPE tokenizer.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     """The plan of `cfg` on `d`'s ranks and device; UsageError if it cannot run."""
     cfg.validate()
     out_dir = Path(cfg.out_dir if cfg.out_dir is not None else f"runs/d{cfg.depth}")
+    check_out_dir(out_dir)  # before the corpus is read: a typo should not cost minutes of loading
 
     # which checkpoint to resume from, and what it says
     resume_from, resume_meta = None, None
@@ -154,6 +156,17 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     return Plan(cfg, config, tokenizer, train_tokens, val_tokens, (len(train_docs), len(val_docs)), grad_accum,
                 total_batch_size, num_steps, eval_steps, out_dir, ns_dtype, resume_from, resume_meta,
                 cfg.overwrite or fresh_start)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """UsageError unless `out_dir` is (or can be created as) a writable directory."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {out_dir}: {existing} is not a writable directory")
 
 
 def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -53,6 +54,7 @@ from torch_impl.nonfinite import NonFiniteGradientError
 from torch_impl.optim import HybridOptimizer, hybrid
 from torch_impl.parallelize import apply_activation_checkpointing, apply_fsdp
 from torch_impl.plan import CONFIG_FILE, METRICS_FILE, Plan, RunComplete, plan_run
+from torch_impl.preemption import Stopped, StopSignals
 
 
 def parallelize(model: GPT, cfg: TrainConfig, d: Dist) -> None:
@@ -204,7 +206,7 @@ def start_out_dir(plan: Plan, d: Dist) -> None:
         dist.barrier()
 
 
-def train(plan: Plan, d: Dist) -> dict:
+def train(plan: Plan, d: Dist, stop: StopSignals | None = None) -> dict:
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)  # same seed on every rank: identical replicas without a broadcast
     if d.device.type == "cuda":
@@ -260,7 +262,8 @@ def train(plan: Plan, d: Dist) -> dict:
 
     step = start_step
     times, skipped = [], 0
-    running = step
+    running, last_save = step, time.monotonic()
+    stop = stop or StopSignals()  # not entered: no handlers (tests, library use)
     try:
         while step < stop_at:
             running = step + 1  # the step a failure below belongs to
@@ -322,14 +325,23 @@ def train(plan: Plan, d: Dist) -> dict:
             last = step == plan.num_steps
             if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
                 last_val = run_eval(step)
-            if not cfg.no_checkpoint and (last or step == stop_at or
+            # a signal on any rank (preemption, Ctrl-C) or a time-based checkpoint: agreed by all ranks
+            signalled, due = stop.agreed(d.device, d.active, cfg.checkpoint_minutes > 0 and
+                                         time.monotonic() - last_save > 60 * cfg.checkpoint_minutes)
+            if not cfg.no_checkpoint and (last or step == stop_at or signalled or due or
                                           (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                last_save = time.monotonic()
                 t = time.perf_counter()
                 with collective_timeout(5 * cfg.collective_timeout, restore=cfg.collective_timeout):
                     path = save_checkpoint(plan.out_dir, step, model, optimizer, plan.tokenizer,
                                            loader.state_dict(), dict(args=cfg.to_dict(), optimizer=cfg.optimizer),
                                            d.rank, keep=cfg.keep_checkpoints)
                 log.print(f"step {step:5d} | checkpoint {path} ({time.perf_counter() - t:.1f}s)")
+            if signalled:
+                log.print(f"step {step:5d} | stopped by {signal.Signals(signalled).name}: "
+                          + ("no checkpoint (--no-checkpoint)" if cfg.no_checkpoint else
+                             "checkpoint saved; rerun with --resume (or --resume auto) to continue"))
+                raise Stopped(signalled)
     except Exception as e:
         if not is_collective_failure(e):
             raise
@@ -371,7 +383,8 @@ def main(argv=None) -> int:
     d = None
     try:
         d = init_from_env(cfg.device_type(), timeout=timedelta(seconds=cfg.collective_timeout))
-        train(plan_run(cfg, d), d)
+        with StopSignals() as stop:
+            train(plan_run(cfg, d), d, stop)
         if d.active:
             # every rank reaches the teardown together: a rank that exits while a peer is still
             # tearing down its gloo pairs can make the peer abort (seen ~1 in 16 runs under load)
@@ -385,6 +398,8 @@ def main(argv=None) -> int:
         if d is None or d.master:
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except Stopped as e:  # a signal: the checkpoint is saved; 128 + signum, the shell's "ended by a signal"
+        return 128 + e.signum
     except CollectiveFailure as e:  # every surviving rank says it: rank 0 may be the one that died
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

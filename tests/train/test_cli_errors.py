@@ -26,6 +26,12 @@ def run_main(argv, capsys):
     return code, capsys.readouterr().err
 
 
+def a_file(tmp_path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    return path
+
+
 def corpus_dir(tmp_path, files: dict[str, bytes]) -> str:
     d = tmp_path / "corpus"
     d.mkdir()
@@ -62,6 +68,9 @@ CASES = {
     "stop after end": (lambda t: ["--stop-at", "5"], "past the end"),
     "impossible schedule": (lambda t: ["--warmup-ratio", "0.9"], "warmup_ratio + warmdown_ratio"),
     "negative lr": (lambda t: ["--matrix-lr", "-1"], "--matrix-lr must be"),
+    "lr overflows fp32": (lambda t: ["--embedding-lr", "1e39"], "overflows float32"),
+    "out-dir is a file": (lambda t: ["--out-dir", str(a_file(t))], "is not a directory"),
+    "out-dir under a file": (lambda t: ["--out-dir", str(a_file(t) / "run")], "is not a writable directory"),
     "small bpe vocab": (lambda t: ["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be"),
     "nothing to resume": (lambda t: ["--resume"], "no checkpoint"),
     "missing resume path": (lambda t: ["--resume", str(t / "nowhere")], "no such checkpoint"),

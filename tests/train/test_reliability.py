@@ -136,3 +136,41 @@ def test_bad_reliability_flags_exit_2(tmp_path, capsys, bad):
     except SystemExit as e:
         code = e.code
     assert code == 2 and not (tmp_path / "run").exists()
+
+
+def launch(args: list[str], ranks: int | None) -> subprocess.Popen:
+    prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+              if ranks else [sys.executable])
+    return subprocess.Popen([*prefix, "-m", "torch_impl.train", *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def signal_after(proc: subprocess.Popen, signum: int, step_line: str = "step     3/") -> tuple[str, str]:
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith(step_line):
+            proc.send_signal(signum)
+            break
+    rest, err = proc.communicate(timeout=120)
+    return "".join(out) + rest, err
+
+
+@pytest.mark.parametrize("ranks,signum", [(2, signal.SIGTERM), (None, signal.SIGINT)])
+def test_signal_saves_at_the_step_boundary_and_the_same_command_continues(tmp_path, ranks, signum):
+    """SIGTERM to torchrun (forwarded to every rank: preemption) or Ctrl-C to a single process: the
+    run stops after the step in flight with a checkpoint on every rank, exits non-zero, and the same
+    command line (--resume auto) continues it bit-identically to an uninterrupted run."""
+    args = [*TINY, "--steps", "40", "--eval-every", "0", "--total-batch-size", "512", "--resume", "auto"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    check(run([*args, "--out-dir", str(straight)], ranks=ranks))
+    proc = launch([*args, "--out-dir", str(stopped)], ranks)
+    out, err = signal_after(proc, signum)
+    assert proc.returncode != 0, out
+    if ranks is None:
+        assert proc.returncode == 128 + signum  # the shell's "ended by a signal"
+    saved = [s for s, _ in list_checkpoints(stopped)]
+    assert len(saved) == 1 and 3 <= saved[0] < 40, (saved, out, err[-2000:])
+    assert f"stopped by {signal.Signals(signum).name}" in out and "checkpoint saved" in out, out
+    check(run([*args, "--out-dir", str(stopped)], ranks=ranks))
+    assert losses(stopped) == losses(straight)  # exact float equality

@@ -111,3 +111,18 @@ def test_adamw_only_with_bpe_stops_and_resumes(tmp_path, capsys):
     model, tok, meta = load_model(out_dir)
     assert tok.kind == "bpe" and tok.vocab_size == model.config.vocab_size == 320
     assert meta["args"]["optimizer"] == "adamw"
+
+
+@pytest.mark.parametrize("where", ["a directory", "under a file"])
+def test_export_to_a_bad_path_exits_2_and_writes_nothing(trained, tmp_path, capsys, where):
+    """Checked before the checkpoint is loaded; no hidden temporary file is left behind."""
+    from torch_impl.export import main as export_main
+    out_dir, _ = trained
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    target = tmp_path if where == "a directory" else blocker / "model.safetensors"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert export_main(["--checkpoint", str(out_dir), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and ("is a directory" in err or "not a writable directory" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
