@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import warnings
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -114,6 +115,39 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def _crc32(path: Path) -> str:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def manifest(ckpt: Path) -> dict[str, list]:
+    """{relative path: [size, crc32]} of every file of a checkpoint directory (meta.json aside):
+    written into meta.json at save, checked by verify_checkpoint at load. CRC32 finds torn,
+    truncated and bit-flipped files at disk speed (it is not a defence against tampering)."""
+    return {str(f.relative_to(ckpt)): [f.stat().st_size, _crc32(f)]
+            for f in sorted(ckpt.rglob("*")) if f.is_file() and f != ckpt / META_FILE}
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> dict:
+    """The checkpoint's meta.json after checking every file against its manifest; CheckpointError
+    naming the first missing, truncated or corrupted file. (Checkpoints written before manifests
+    existed are accepted unchecked.)"""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    for rel, (size, crc) in meta.get("files", {}).items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"{ckpt}: {rel} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{ckpt}: {rel} has {f.stat().st_size} bytes, {size} were written (truncated?)")
+        if _crc32(f) != crc:
+            raise CheckpointError(f"{ckpt}: {rel} is corrupted (checksum {_crc32(f)}, written {crc})")
+    return meta
+
+
 def read_meta(ckpt: str | os.PathLike) -> dict:
     path = Path(ckpt) / META_FILE
     try:
@@ -182,7 +216,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
     if rank == 0:
         save_tokenizer(tokenizer, tmp)
         meta = dict(format=FORMAT_VERSION, step=step, loader=loader_state, model_config=asdict(model.config),
-                    world_size=dist.get_world_size() if _distributed() else 1, **extra_meta)
+                    world_size=dist.get_world_size() if _distributed() else 1, **extra_meta,
+                    files=manifest(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if final.exists():
             # re-saving a step (a resume from an older checkpoint got here again): replace it, keeping
@@ -233,7 +268,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """(model in eval mode, tokenizer, meta) from a checkpoint or a run directory (its latest checkpoint).
     For inference and export: no optimizer, no process group needed."""
     ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
+    meta = verify_checkpoint(ckpt)
     with torch.device("meta"):
         model = GPT(model_config(meta))
     model.to_empty(device=device)

@@ -10,6 +10,7 @@ communication is the broadcast of a freshly trained BPE tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -25,8 +26,8 @@ from torch_impl.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     model_config,
-    read_meta,
     resolve_checkpoint,
+    verify_checkpoint,
 )
 from torch_impl.config import TrainConfig, UsageError
 from torch_impl.corpus import CorpusError, load_corpus
@@ -78,12 +79,10 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     if cfg.resume is not None and not fresh_start:
         try:
             if cfg.resume in ("latest", "auto"):
-                resume_from = latest_checkpoint(out_dir)
-                if resume_from is None:
-                    raise CheckpointError(f"--resume: no checkpoint in {out_dir}/checkpoints to resume from")
+                resume_from, resume_meta = newest_sound_checkpoint(out_dir, d)
             else:
                 resume_from = resolve_checkpoint(cfg.resume)
-            resume_meta = read_meta(resume_from)
+                resume_meta = verify_checkpoint(resume_from)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
     elif (out_dir.exists() and not cfg.overwrite and not fresh_start
@@ -152,7 +151,7 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
                 "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[cfg.ns_dtype]
 
     if resume_meta is not None:
-        check_resume(resume_from, resume_meta, config, cfg, train_tokens, num_steps)
+        check_resume(resume_from, resume_meta, config, cfg, train_tokens, val_tokens, num_steps)
     return Plan(cfg, config, tokenizer, train_tokens, val_tokens, (len(train_docs), len(val_docs)), grad_accum,
                 total_batch_size, num_steps, eval_steps, out_dir, ns_dtype, resume_from, resume_meta,
                 cfg.overwrite or fresh_start)
@@ -202,8 +201,38 @@ def build_tokenizer(cfg: TrainConfig, train_docs: list[str], d: Dist):
     return tok
 
 
-def check_resume(ckpt: Path, meta: dict, config: GPTConfig, cfg: TrainConfig, train_tokens, num_steps: int) -> None:
-    """A checkpoint of a different model, tokenizer, corpus or optimizer cannot continue this run."""
+def newest_sound_checkpoint(out_dir: Path, d: Dist) -> tuple[Path, dict]:
+    """The newest checkpoint of the run whose files match their manifest, and its meta; a damaged
+    one is reported by name (rank 0) and the previous one tried. CheckpointError if none is sound."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {out_dir}/checkpoints to resume from")
+    problems = []
+    for _, ckpt in reversed(found):
+        try:
+            meta = verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems and d.master:
+            print(f"warning: {'; '.join(problems)}; resuming from {ckpt} instead", flush=True)
+        return ckpt, meta
+    raise CheckpointError(f"--resume: every checkpoint in {out_dir}/checkpoints is damaged: {'; '.join(problems)}")
+
+
+def data_fingerprint(train_tokens: np.ndarray, val_tokens: np.ndarray) -> dict:
+    """What identifies the data a run trains and validates on: the length and a content hash of
+    each token stream (the tokens already depend on the files, their order, --max-corpus-bytes,
+    --val-fraction and the tokenizer). Stored in every checkpoint, compared on resume."""
+    def digest(a: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:32]
+    return dict(train_tokens=len(train_tokens), train_sha256=digest(train_tokens),
+                val_tokens=len(val_tokens), val_sha256=digest(val_tokens))
+
+
+def check_resume(ckpt: Path, meta: dict, config: GPTConfig, cfg: TrainConfig, train_tokens, val_tokens,
+                 num_steps: int) -> None:
+    """A checkpoint of a different model, tokenizer, data or optimizer cannot continue this run."""
     saved = model_config(meta)
     if saved != config:
         diff = ", ".join(f"{k}: checkpoint {v} vs now {getattr(config, k)}"
@@ -217,6 +246,11 @@ def check_resume(ckpt: Path, meta: dict, config: GPTConfig, cfg: TrainConfig, tr
         raise UsageError(f"--resume: {ckpt} was trained on a token stream of {meta['loader']['num_tokens']} tokens, "
                          f"this run's has {len(train_tokens)}; were --data, --max-corpus-bytes, --val-fraction "
                          f"or the tokenizer changed?")
+    saved_data, data = meta.get("data"), data_fingerprint(train_tokens, val_tokens)
+    if saved_data is not None and saved_data != data:
+        diff = ", ".join(k for k in data if saved_data.get(k) != data[k])
+        raise UsageError(f"--resume: {ckpt} was trained on other data ({diff} differ: same length, other "
+                         f"content); were --data, --max-corpus-bytes or --val-fraction changed?")
     if meta["step"] == num_steps:
         raise RunComplete(f"{ckpt} is the last step ({num_steps}) of this run: nothing to do")
     if meta["step"] > num_steps:

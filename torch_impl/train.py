@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -53,7 +55,7 @@ from torch_impl.gpt import GPT
 from torch_impl.nonfinite import NonFiniteGradientError
 from torch_impl.optim import HybridOptimizer, hybrid
 from torch_impl.parallelize import apply_activation_checkpointing, apply_fsdp
-from torch_impl.plan import CONFIG_FILE, METRICS_FILE, Plan, RunComplete, plan_run
+from torch_impl.plan import CONFIG_FILE, METRICS_FILE, Plan, RunComplete, data_fingerprint, plan_run
 from torch_impl.preemption import Stopped, StopSignals
 
 
@@ -188,14 +190,47 @@ class Logger:
             self.bar.close()
 
 
+_LOCKS: list = []  # open lock files: held until main() returns (or the process ends, however it ends)
+
+
+def lock_out_dir(out_dir: Path) -> str | None:
+    """Take the run directory's lock (an exclusive flock on <out_dir>/.lock, released when the process
+    ends, however it ends); None on success, else who holds it. Needs a file system with working flock
+    (local disks; NFS only with lock support)."""
+    import fcntl
+    f = (out_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return f"locked by {holder}"
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _LOCKS.append(f)
+    return None
+
+
 def start_out_dir(plan: Plan, d: Dist) -> None:
     """Create the run directory and write config.json. Only now is anything written, once every rank has
     validated its inputs (otherwise a slow rank could find rank 0's fresh metrics.jsonl and take it for a
     previous run)."""
     if d.active:
         dist.barrier()
+    held_by = None
     if d.master:
         plan.out_dir.mkdir(parents=True, exist_ok=True)
+        held_by = lock_out_dir(plan.out_dir)
+    busy = torch.tensor([held_by is not None], dtype=torch.int32, device=d.device)
+    if d.active:
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX)  # every rank stops, not only rank 0
+    if busy.item():
+        raise UsageError(f"{plan.out_dir} is in use by another run ({held_by or 'see rank 0'}); two runs in one "
+                         "--out-dir would overwrite each other's checkpoints")
+    if d.master:
         if plan.replace_previous:
             shutil.rmtree(plan.out_dir / "checkpoints", ignore_errors=True)
         (plan.out_dir / CONFIG_FILE).write_text(json.dumps(dict(
@@ -263,6 +298,7 @@ def train(plan: Plan, d: Dist, stop: StopSignals | None = None) -> dict:
     step = start_step
     times, skipped = [], 0
     running, last_save = step, time.monotonic()
+    fingerprint = data_fingerprint(plan.train_tokens, plan.val_tokens)  # saved in every checkpoint
     stop = stop or StopSignals()  # not entered: no handlers (tests, library use)
     try:
         while step < stop_at:
@@ -334,7 +370,8 @@ def train(plan: Plan, d: Dist, stop: StopSignals | None = None) -> dict:
                 t = time.perf_counter()
                 with collective_timeout(5 * cfg.collective_timeout, restore=cfg.collective_timeout):
                     path = save_checkpoint(plan.out_dir, step, model, optimizer, plan.tokenizer,
-                                           loader.state_dict(), dict(args=cfg.to_dict(), optimizer=cfg.optimizer),
+                                           loader.state_dict(), dict(args=cfg.to_dict(), optimizer=cfg.optimizer,
+                                                                  data=fingerprint),
                                            d.rank, keep=cfg.keep_checkpoints)
                 log.print(f"step {step:5d} | checkpoint {path} ({time.perf_counter() - t:.1f}s)")
             if signalled:
@@ -404,6 +441,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        while _LOCKS:
+            _LOCKS.pop().close()  # releases the flock
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -174,3 +174,66 @@ def test_signal_saves_at_the_step_boundary_and_the_same_command_continues(tmp_pa
     assert f"stopped by {signal.Signals(signum).name}" in out and "checkpoint saved" in out, out
     check(run([*args, "--out-dir", str(stopped)], ranks=ranks))
     assert losses(stopped) == losses(straight)  # exact float equality
+
+
+def test_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path):
+    """A bit flipped in the newest checkpoint (same size, so only the checksum can tell): --resume
+    says which file is damaged, continues from the previous checkpoint, and still ends exactly
+    where the uninterrupted run does. Asked for by path, a truncated checkpoint is an exit-2
+    error naming the file; the sampler refuses it too."""
+    args = [*TINY, "--steps", "6", "--eval-every", "0"]
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    check(run([*args, "--out-dir", str(straight)]))
+    check(run([*args, "--out-dir", str(run_dir), "--stop-at", "4", "--checkpoint-every", "2"]))
+    newest = run_dir / "checkpoints" / "step_000004"
+    victim = max((f for f in (newest / "model").iterdir() if f.suffix == ".distcp"), key=lambda f: f.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    resumed = check(run([*args, "--out-dir", str(run_dir), "--resume"]))
+    assert f"model/{victim.name} is corrupted" in resumed.stdout and "resuming from" in resumed.stdout, resumed.stdout
+    assert "step_000002" in resumed.stdout
+    assert losses(run_dir) == losses(straight)
+
+    older = run_dir / "checkpoints" / "step_000002" / "optimizer" / "meta.json"
+    older.write_bytes(older.read_bytes()[:10])  # truncated
+    proc = run([*args, "--out-dir", str(tmp_path / "other"), "--resume", str(older.parent.parent)])
+    assert proc.returncode == 2 and "optimizer/meta.json has 10 bytes" in proc.stderr, proc.stderr
+    proc = run(["-m", "torch_impl.sample", "--checkpoint", str(older.parent.parent)])
+    assert proc.returncode != 0 and "optimizer/meta.json" in proc.stderr
+
+
+def test_resume_refuses_other_data_of_the_same_length(tmp_path):
+    """Same number of tokens, other content (one character changed): the data fingerprint in the
+    checkpoint tells them apart."""
+    def corpus(name: str, word: str):
+        d = tmp_path / name
+        d.mkdir()
+        for i in range(12):
+            (d / f"doc{i}.txt").write_text(f"document {i}: " + " ".join([word] * 400) + "\n")
+        return str(d)
+
+    a, b = corpus("a", "alpha"), corpus("b", "alphb")
+    args = [*TINY, "--steps", "4", "--eval-every", "0", "--max-corpus-bytes", "1000000"]
+    out = tmp_path / "run"
+    check(run([*args, "--data", a, "--out-dir", str(out), "--stop-at", "2"]))
+    proc = run([*args, "--data", b, "--out-dir", str(out), "--resume"])
+    assert proc.returncode == 2, proc.stderr
+    assert "trained on other data" in proc.stderr and "train_sha256" in proc.stderr, proc.stderr
+
+
+def test_second_run_in_the_same_out_dir_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "run"
+    first = launch([*TINY, "--steps", "400", "--eval-every", "0", "--no-checkpoint", "--out-dir", str(out)], None)
+    try:
+        for line in first.stdout:
+            if line.startswith("step     1/"):
+                break
+        second = run([*TINY, "--steps", "400", "--out-dir", str(out), "--resume", "auto"])
+        assert second.returncode == 2, second.stderr
+        assert "is in use by another run (locked by pid" in second.stderr, second.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.communicate()
+    check(run([*TINY, "--steps", "2", "--eval-every", "0", "--out-dir", str(out), "--overwrite"]))  # lock released
