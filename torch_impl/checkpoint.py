@@ -194,6 +194,24 @@ def _set_rng_state(state: dict) -> None:
 # -----------------------------------------------------------------------------
 # saving
 
+def _agree_saved(failure: BaseException | None, tmp: Path, final: Path, rank: int) -> None:
+    """Collective: if the save failed on any rank, remove the partial save and raise CheckpointError on
+    every rank (with this rank's reason, or a pointer to the rank that failed)."""
+    failed = torch.tensor([failure is not None], dtype=torch.int32)
+    if _distributed():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    reason = (f"{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure).strip() else ''}"
+              if failure is not None else "it failed on another rank")
+    raise CheckpointError(f"saving checkpoint {final.name} failed ({reason}); the partial save was removed and the "
+                          "previous checkpoint is intact")
+
+
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer, tokenizer,
                     loader_state: dict, extra_meta: dict, rank: int = 0, keep: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. `keep` > 0: once this
@@ -207,18 +225,29 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     _barrier()
-    with _quiet_no_dist():
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp / "model", no_dist=not _distributed())
-    save_optimizer(optimizer, tmp / "optimizer")
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
-    _barrier()
+    # A write that fails (a full disk, a vanished file system) on any rank fails the save on every rank,
+    # agreed before anything is renamed: the partial save is removed and the previous checkpoint stays.
+    failure = None
+    try:
+        with _quiet_no_dist():
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp / "model", no_dist=not _distributed())
+        save_optimizer(optimizer, tmp / "optimizer")
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    except Exception as e:  # noqa: BLE001 - OSError, or DCP's wrapper of one rank's OSError
+        failure = e
+    _agree_saved(failure, tmp, final, rank)
     if rank == 0:
-        save_tokenizer(tokenizer, tmp)
-        meta = dict(format=FORMAT_VERSION, step=step, loader=loader_state, model_config=asdict(model.config),
-                    world_size=dist.get_world_size() if _distributed() else 1, **extra_meta,
-                    files=manifest(tmp))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            save_tokenizer(tokenizer, tmp)
+            meta = dict(format=FORMAT_VERSION, step=step, loader=loader_state, model_config=asdict(model.config),
+                        world_size=dist.get_world_size() if _distributed() else 1, **extra_meta,
+                        files=manifest(tmp))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        except OSError as e:
+            failure = e
+    _agree_saved(failure, tmp, final, rank)
+    if rank == 0:
         if final.exists():
             # re-saving a step (a resume from an older checkpoint got here again): replace it, keeping
             # the window in which no complete step dir exists as short as two renames

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from torch_impl import schedule
-from torch_impl.checkpoint import load_training_state, save_checkpoint
+from torch_impl.checkpoint import CheckpointError, load_training_state, save_checkpoint
 from torch_impl.config import TrainConfig, UsageError
 from torch_impl.dataloader import DistributedTokenLoader, bits_per_byte, bpb_sums, token_bytes
 from torch_impl.device import autocast, peak_flops, synchronize
@@ -435,6 +435,10 @@ def main(argv=None) -> int:
         if d is None or d.master:
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except CheckpointError as e:  # a failed save (e.g. a full disk): every rank raises it, rank 0 says it
+        if d is None or d.master:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except Stopped as e:  # a signal: the checkpoint is saved; 128 + signum, the shell's "ended by a signal"
         return 128 + e.signum
     except CollectiveFailure as e:  # every surviving rank says it: rank 0 may be the one that died

@@ -143,3 +143,35 @@ def case_construction_mistakes():
 
 def test_construction_mistakes_raise_on_every_rank(rank_groups):
     rank_groups(2).run(case_construction_mistakes)
+
+
+def case_save_fails_on_one_rank(path):
+    """A write fails on rank 1 only: the save fails on every rank (CheckpointError), nothing is left."""
+    from pathlib import Path
+
+    from torch_impl import checkpoint
+    from torch_impl.gpt import GPT, GPTConfig
+    from torch_impl.tokenizer import ByteTokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=257, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    opt = hybrid(model.named_parameters(), distributed=True)
+    rng_state = checkpoint._rng_state
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    if rank() == 1:  # the pool's workers live on: restored below
+        checkpoint._rng_state = full_disk
+    try:
+        checkpoint.save_checkpoint(path, 2, model, opt, ByteTokenizer(), {}, {}, rank())
+        ok = False
+    except checkpoint.CheckpointError as e:
+        ok = "saving checkpoint step_000002 failed" in str(e) and "partial save was removed" in str(e)
+    finally:
+        checkpoint._rng_state = rng_state
+    ok &= not list((Path(path) / "checkpoints").iterdir())
+    all_ranks_agree(ok, "a save that failed on one rank did not fail cleanly everywhere")
+
+
+def test_save_failing_on_one_rank_fails_everywhere_and_leaves_nothing(rank_groups, tmp_path):
+    rank_groups(2).run(case_save_fails_on_one_rank, str(tmp_path))

@@ -237,3 +237,29 @@ def test_second_run_in_the_same_out_dir_is_refused_while_the_first_runs(tmp_path
         first.kill()
         first.communicate()
     check(run([*TINY, "--steps", "2", "--eval-every", "0", "--out-dir", str(out), "--overwrite"]))  # lock released
+
+
+def test_a_failed_save_is_removed_and_reported(tmp_path, monkeypatch, capsys):
+    """A write that fails mid-save (here: ENOSPC on the second checkpoint) ends the run with one line
+    naming the checkpoint and the reason; the partial save is gone and the previous checkpoint
+    still verifies."""
+    import errno
+
+    from torch_impl import checkpoint
+    calls, rng_state = [0], checkpoint._rng_state
+
+    def full_disk():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return rng_state()
+
+    monkeypatch.setattr(checkpoint, "_rng_state", full_disk)
+    out = tmp_path / "run"
+    code = main([*TINY, "--steps", "4", "--eval-every", "0", "--checkpoint-every", "2", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: saving checkpoint step_000004 failed (OSError: [Errno 28] No space left on device)" in err, err
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    checkpoint.verify_checkpoint(out / "checkpoints" / "step_000002")
