@@ -11,12 +11,17 @@ A checkpoint is a directory `<out_dir>/checkpoints/step_NNNNNN/`:
                          DistAdamW state is resharded on load, so N ranks can resume on M)
     rng/rank{r}.pt       each rank's torch / CUDA / Python / NumPy RNG states
     tokenizer_meta.json  (+ tokenizer.json for BPE) which tokenizer the ids belong to
-    meta.json            step, data loader position, model config, the run's arguments
+    meta.json            step, data loader position, model config, the run's arguments, the data
+                         fingerprint (token-stream hashes, checked on resume) and the manifest:
+                         size and CRC32 of every other file (verify_checkpoint)
 
 Every rank writes into `.tmp-step_NNNNNN/`; once all are done, rank 0 writes meta.json and renames
 the directory into place. A rename is atomic on POSIX, so a crash mid-save leaves only a dot-dir that
 is never mistaken for a checkpoint (and is cleaned up by the next save): a directory named step_* is
-always complete. Multi-node runs need out_dir on a shared filesystem.
+always complete. A write that fails on any rank (a full disk) fails the save on every rank and removes
+the partial save. A damaged checkpoint (a file truncated, missing or changed since) is found by its
+manifest; `--resume` then falls back to the previous sound one. `keep` deletes all but the newest
+checkpoints once a new one is complete. Multi-node runs need out_dir on a shared filesystem.
 
 The model is saved in full precision with DCP, so loading it back is bit-exact; together with the
 loader position, the optimizer state and the pure schedules, a resumed run reproduces the loss
