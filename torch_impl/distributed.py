@@ -123,13 +123,32 @@ def init_from_env(device: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT) ->
         return Dist(0, 0, 1, torch.device(device_type))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    store = restart_store(rank, world_size, timeout)
     if device_type == "cuda":
         gpu = torch.device("cuda", local_rank)
         torch.cuda.set_device(gpu)
-        dist.init_process_group("nccl", device_id=gpu, timeout=timeout)
+        dist.init_process_group("nccl", device_id=gpu, timeout=timeout, store=store,
+                                rank=rank if store else -1, world_size=world_size if store else -1)
         return Dist(rank, local_rank, world_size, gpu)
-    dist.init_process_group("gloo", timeout=timeout)
+    dist.init_process_group("gloo", timeout=timeout, store=store, rank=rank if store else -1,
+                            world_size=world_size if store else -1)
     return Dist(rank, local_rank, world_size, torch.device("cpu"))
+
+
+def restart_store(rank: int, world_size: int, timeout: timedelta):
+    """Under torchrun, a rendezvous store private to this restart attempt; None otherwise (env://).
+
+    torchrun --max-restarts restarts every worker on one store. gloo's full-mesh connect reads the
+    peers' addresses from it, and after a restart it can read the dead workers' addresses of the
+    previous attempt (same keys) and fail with "Connection refused" (measured: most restarts). A
+    key prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps each attempt's addresses apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                         is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
+    return dist.PrefixStore(f"torch_impl/attempt_{attempt}", base)
 
 
 class Work:

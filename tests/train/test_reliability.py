@@ -263,3 +263,35 @@ def test_a_failed_save_is_removed_and_reported(tmp_path, monkeypatch, capsys):
     assert [s for s, _ in list_checkpoints(out)] == [2]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     checkpoint.verify_checkpoint(out / "checkpoints" / "step_000002")
+
+
+def test_torchrun_restarts_after_a_killed_rank_and_the_run_ends_as_if_uninterrupted(tmp_path):
+    """SIGKILL of rank 1 mid-run under `torchrun --max-restarts=2` with `--resume auto`: rank 0 fails
+    its collective, torchrun restarts both ranks, they rendezvous again (a store prefix per attempt:
+    distributed.restart_store) and resume from the latest checkpoint; the logged losses equal an
+    uninterrupted run's exactly."""
+    args = [*TINY, "--steps", "60", "--eval-every", "0", "--checkpoint-every", "10", "--total-batch-size", "512",
+            "--resume", "auto"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    check(run([*args, "--out-dir", str(straight)], ranks=2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+           "-m", "torch_impl.train", *args, "--out-dir", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("step    25/"):
+                for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                    if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                        os.kill(int(pid), signal.SIGKILL)
+                break
+        rest, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stdout = "".join(out) + rest
+    assert proc.returncode == 0, (stdout[-2000:], err[-3000:])
+    assert "resumed from" in stdout and "step_000020" in stdout, stdout[-2000:]
+    assert losses(killed) == losses(straight)
