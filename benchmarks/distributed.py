@@ -87,13 +87,18 @@ def timed(fn, steps: int, warmup: bool = True) -> tuple[float, float | None]:
     return statistics.median(times), (statistics.mean(wire) if wire else None)
 
 
-def _worker(rank, n, port, cfg, results):
+def join_group(rank: int, n: int, port: int) -> None:
+    """A spawned benchmark rank: one BLAS thread, a gloo group of `n` on localhost:`port`."""
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
                             timeout=timedelta(seconds=600))
+
+
+def _worker(rank, n, port, cfg, results):
+    join_group(rank, n, port)
     from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
     from torch_impl.placement import ns_cost
 

@@ -42,13 +42,12 @@ import copy
 import os
 import statistics
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.distributed import run_world, timed
+from benchmarks.distributed import join_group, run_world, timed
 from benchmarks.report import write_report
 
 SCHEMES = ("zero2_step", "zero2_backward", "fsdp", "fsdp_torch_muon")
@@ -152,12 +151,7 @@ def measure(scheme: str, base, mesh, n: int, rank: int, cfg: dict) -> tuple[dict
 
 
 def _worker(rank, n, port, cfg, results):
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import warnings
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
-                            timeout=timedelta(seconds=600))
+    join_group(rank, n, port)
     from torch.distributed.device_mesh import init_device_mesh
 
     from torch_impl.gpt import GPT, GPTConfig

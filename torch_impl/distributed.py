@@ -38,6 +38,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEFAULT_TIMEOUT = timedelta(seconds=300)
 
@@ -397,12 +398,12 @@ def _scale_to_norm_(grads: list[torch.Tensor], total: torch.Tensor, max_norm: fl
 
 
 
-class DTensorTraffic:
+class DTensorTraffic(TorchDispatchMode):
     """Counts the collectives that DTensor code runs inside `with DTensorTraffic(n) as t:` into
     `t.stats`, a CommStats with the same ring-model bytes as Comm's counters, so an outside
     optimizer on DTensors (torch.optim.Muon on FSDP2 parameters) can be compared byte for byte
-    with ours. A TorchDispatchMode that lets DTensor desugar first (as torch's CommDebugMode
-    does) and then sees the functional collectives on local tensors; `n` is the group size."""
+    with ours. It lets DTensor desugar first (as torch's CommDebugMode does) and then sees the
+    functional collectives on local tensors; `n` is the group size."""
 
     _RING = {"all_gather_into_tensor": lambda n: n - 1,        # × input bytes
              "reduce_scatter_tensor": lambda n: (n - 1) / n,   # × input bytes
@@ -410,32 +411,17 @@ class DTensorTraffic:
              "all_to_all_single": lambda n: (n - 1) / n}
 
     def __init__(self, world_size: int):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        traffic = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if any(issubclass(t, DTensor) for t in types):
-                    return NotImplemented
-                out = func(*args, **(kwargs or {}))
-                packet = getattr(func, "_overloadpacket", None)
-                if packet is not None and "c10d_functional" in packet._qualified_op_name:
-                    traffic.record(packet._qualified_op_name.split("::")[-1], args[0])
-                return out
-
+        super().__init__()
         self.n = world_size
         self.stats = CommStats()
-        self._mode = Mode()
 
-    def record(self, kind: str, t: torch.Tensor) -> None:
-        if kind in self._RING:
-            size = t.numel() * t.element_size()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        packet = getattr(func, "_overloadpacket", None)
+        kind = packet._qualified_op_name.split("::")[-1] if packet is not None else ""
+        if "c10d_functional" in getattr(packet, "_qualified_op_name", "") and kind in self._RING:
+            size = args[0].numel() * args[0].element_size()
             self.stats.add(kind, size, self._RING[kind](self.n) * size)
-
-    def __enter__(self) -> DTensorTraffic:
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+        return out

@@ -537,6 +537,7 @@ class AdamW(ShardedOptimizer):
         if getattr(self, "_buckets", None) is None or self.comm.world_size == 1:
             self._buckets = [(p,) for g in self.param_groups for p in g["params"]
                              if type(self.placement(p)) is Rows]
+            self._bucket_of = {bucket[0]: b for b, bucket in enumerate(self._buckets)}
         return self._buckets
 
     def launch_reduction(self, bucket: int, comm: Comm) -> Reduction:
@@ -573,7 +574,7 @@ class AdamW(ShardedOptimizer):
         # 2. reduce: row-sharded parameters' fp32 gradients, zero-padded to c·N rows, each
         #    reduce_scattered; the replicated ones' gradients in one flat all_reduce (N > 1 only)
         sharded, small, fsdp = [], [], []
-        bucket_of = {bucket[0]: b for b, bucket in enumerate(self.reduction_buckets())}
+        self.reduction_buckets()  # sets self._bucket_of
         for group in self.param_groups:
             for p in group["params"]:
                 if not self.has_grad(p):  # presence is identical on all ranks
@@ -585,7 +586,7 @@ class AdamW(ShardedOptimizer):
                 if not isinstance(place, Rows):
                     small.append((group, p))
                     continue
-                sharded.append((group, p, place, self.reduction(bucket_of[p])))
+                sharded.append((group, p, place, self.reduction(self._bucket_of[p])))
         small_grads = [p.grad for _, p in small]
         if small and n > 1:
             flat = torch.cat([p.grad.reshape(-1).float() for _, p in small])
