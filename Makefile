@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 # Python standard library's source), then a sample from its checkpoint. ~2-3 min on 2 cores.
 RUN_DIR ?= runs/readme
 run: $(VENV)/.installed
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m torch_impl.train --depth 2 --seq-len 256 \
+	$(PY) -m torch_impl.launch --standalone --nproc_per_node=$(NPROC) -m torch_impl.train --depth 2 --seq-len 256 \
 		--device-batch-size 8 --steps 300 --eval-every 50 --eval-tokens 32768 --sample-tokens 0 \
 		--out-dir $(RUN_DIR) --overwrite
 	$(PY) -m torch_impl.sample --checkpoint $(RUN_DIR) --prompt "def " --max-tokens 200

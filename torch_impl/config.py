@@ -22,6 +22,14 @@ import torch
 from torch_impl.muon import ORTHOGONALIZERS
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with its error on one line: the 40-line usage block buried the message (and under
+    torchrun it came once per rank)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class UsageError(ValueError):
     """An invocation that cannot run; reported as `error: ...` with exit code 2."""
 
@@ -163,7 +171,7 @@ class TrainConfig:
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         """The argparse parser of these fields: one --flag per field, grouped and explained as declared."""
-        p = argparse.ArgumentParser(
+        p = _OneLineErrorParser(
             prog="python -m torch_impl.train",
             description="Pretrain a nanochat-style GPT with Muon + AdamW. Runs as a single process "
                         "(python -m torch_impl.train) or data-parallel under torchrun.",
@@ -172,6 +180,8 @@ class TrainConfig:
                    "--steps 400\n"
                    "  torchrun --standalone --nproc_per_node=2 -m torch_impl.train --depth 2 --seq-len 128 "
                    "--steps 400 --resume\n"
+                   "  python -m torch_impl.launch --standalone --nproc_per_node=2 -m torch_impl.train --depth 2 "
+                   "(torchrun, with one-line failures)\n"
                    "  python -m torch_impl.sample --checkpoint runs/d2 --prompt 'def '\n"
                    "  python -m torch_impl.export --checkpoint runs/d2 --out runs/d2/model.safetensors",
             formatter_class=_HelpFormatter)

@@ -84,6 +84,26 @@ def is_collective_failure(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and any(k in str(e) for k in ("gloo", "NCCL", "Timed out", "Connection")))
 
 
+def unanswered_ranks(tag: str, rank: int, world_size: int, grace_s: float = 5.0) -> list[int] | None:
+    """After a failed collective, which ranks did not answer: every surviving rank writes `tag/<rank>`
+    into the rendezvous store (the launcher's, which outlives the workers under torchrun) and waits up
+    to `grace_s` for the others. Returns the ranks whose key never came (dead, hung, or far behind),
+    or None when the store itself cannot be reached (it lived in the dead rank 0: plain env://)."""
+    import time
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=grace_s))
+        store.set(f"{tag}/{rank}", "1")
+        deadline = time.monotonic() + grace_s
+        while True:
+            missing = [r for r in range(world_size) if not store.check([f"{tag}/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - any store failure: no names, the caller says what it knows
+        return None
+
+
 @contextmanager
 def collective_timeout(seconds: float, restore: float, group=None):
     """Collectives of `group` (the default one) may wait `seconds` inside the block, then

@@ -20,6 +20,8 @@ the output directory is touched: a bad invocation exits with a message and code 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -50,6 +52,7 @@ from torch_impl.distributed import (
     collective_timeout,
     init_from_env,
     is_collective_failure,
+    unanswered_ranks,
 )
 from torch_impl.gpt import GPT
 from torch_impl.nonfinite import NonFiniteGradientError
@@ -57,6 +60,16 @@ from torch_impl.optim import HybridOptimizer, hybrid
 from torch_impl.parallelize import apply_activation_checkpointing, apply_fsdp
 from torch_impl.plan import CONFIG_FILE, METRICS_FILE, Plan, RunComplete, data_fingerprint, plan_run
 from torch_impl.preemption import Stopped, StopSignals
+
+# A model whose loss is bit-identical on this many consecutive steps of different batches no longer
+# depends on its input: e.g. --matrix-lr 1e30 grows the residual stream to ~1e31, the final RMSNorm's
+# mean square overflows fp32 to inf, every logit becomes 0 and the loss is exactly ln(vocab) on every
+# batch, with zero gradients. A living model's loss differs between batches in its low bits.
+FLAT_LOSS_STEPS = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """The run cannot produce a useful model any more (non-finite or input-independent loss)."""
 
 
 def parallelize(model: GPT, cfg: TrainConfig, d: Dist) -> None:
@@ -296,7 +309,7 @@ def train(plan: Plan, d: Dist, stop: StopSignals | None = None) -> dict:
         last_val = run_eval(0)
 
     step = start_step
-    times, skipped = [], 0
+    times, skipped, flat, previous_loss = [], 0, 0, None
     running, last_save = step, time.monotonic()
     fingerprint = data_fingerprint(plan.train_tokens, plan.val_tokens)  # saved in every checkpoint
     stop = stop or StopSignals()  # not entered: no handlers (tests, library use)
@@ -346,7 +359,15 @@ def train(plan: Plan, d: Dist, stop: StopSignals | None = None) -> dict:
             times.append(dt)
 
             if not math.isfinite(loss_value) and stepped:  # a skipped step (--nonfinite skip) changed nothing
-                raise NonFiniteGradientError(f"loss is {loss_value} at step {step}: training diverged")
+                raise TrainingDiverged(f"step {step}: loss is {loss_value}: training diverged")
+            flat = flat + 1 if stepped and loss_value == previous_loss else 0
+            previous_loss = loss_value if stepped else previous_loss
+            if flat >= FLAT_LOSS_STEPS - 1:
+                raise TrainingDiverged(
+                    f"step {step}: the loss has been exactly {loss_value!r} for {FLAT_LOSS_STEPS} steps of different "
+                    "batches: the model no longer depends on its input (its activations overflowed or vanished; "
+                    f"are the learning rates too large? --matrix-lr {cfg.matrix_lr:g}, --embedding-lr "
+                    f"{cfg.embedding_lr:g}, --unembedding-lr {cfg.unembedding_lr:g})")
             tok_per_s = plan.total_batch_size / dt
             mfu = flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
             text = (f"step {step:5d}/{plan.num_steps} | loss {loss_value:.6f} | lrm {lrm:.3f} | mom {momentum:.3f} | "
@@ -382,10 +403,12 @@ def train(plan: Plan, d: Dist, stop: StopSignals | None = None) -> dict:
     except Exception as e:
         if not is_collective_failure(e):
             raise
+        silent = unanswered_ranks(f"torch_impl/failed_step_{running}", d.rank, d.world_size)
+        who = (f"rank(s) {', '.join(map(str, silent))} did not answer (dead, hung, or far behind)" if silent
+               else "a rank died, hangs, or is far behind")
         raise CollectiveFailure(
-            f"step {running}: a collective did not complete within --collective-timeout {cfg.collective_timeout:g} s "
-            f"(a rank died, hangs, or is far behind; rank {d.rank} of {d.world_size} reports: "
-            f"{str(e).strip().splitlines()[0][:300]})") from None
+            f"step {running}: a collective did not complete within --collective-timeout {cfg.collective_timeout:g} s; "
+            f"{who}; rank {d.rank} of {d.world_size} reports: {str(e).strip().splitlines()[0][:300]}") from None
     log.close()
 
     # steady-state throughput: the first step pays for warm-up (allocations, compilation)
@@ -416,7 +439,11 @@ def main(argv=None) -> int:
     # torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor and warns on every call site, on
     # every rank; the old names are what gloo and NCCL both support, so keep the log readable
     warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
-    cfg = TrainConfig.from_argv(argv)
+    # under torchrun every rank parses the same flags: only rank 0 prints --help or argparse's error
+    quiet = os.environ.get("RANK", "0") != "0"
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext(), \
+            contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        cfg = TrainConfig.from_argv(argv)
     d = None
     try:
         d = init_from_env(cfg.device_type(), timeout=timedelta(seconds=cfg.collective_timeout))
@@ -431,12 +458,12 @@ def main(argv=None) -> int:
         if d.master:
             print(e, flush=True)
         return 0
-    except (UsageError, NonFiniteGradientError) as e:
-        if d is None or d.master:
+    except (UsageError, NonFiniteGradientError, TrainingDiverged) as e:
+        if (d.master if d is not None else not quiet):  # one line, from rank 0
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except CheckpointError as e:  # a failed save (e.g. a full disk): every rank raises it, rank 0 says it
-        if d is None or d.master:
+        if (d.master if d is not None else not quiet):
             print(f"error: {e}", file=sys.stderr)
         return 1
     except Stopped as e:  # a signal: the checkpoint is saved; 128 + signum, the shell's "ended by a signal"

@@ -97,9 +97,20 @@ def test_nonfinite_skip_skips_the_step_and_logs_it(tmp_path, monkeypatch, capsys
     assert len(metrics(out, "train")) == 5
 
 
+def test_a_model_that_no_longer_depends_on_its_input_ends_the_run(tmp_path, capsys):
+    """--matrix-lr 1e30 keeps every number finite but grows the residual stream to ~1e31: the final
+    RMSNorm overflows, every logit is 0 and the loss is exactly ln(257) on every batch. That used to
+    finish with exit 0 and a dead model; now the third identical loss ends the run naming the lrs."""
+    code = main([*ARGS, "--steps", "8", "--matrix-lr", "1e30", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: step 5: the loss has been exactly 5.5490746"), err
+    assert "no longer depends on its input" in err and "--matrix-lr 1e+30" in err, err
+
+
 def test_hung_rank_ends_the_run_within_the_collective_timeout(tmp_path):
     """Rank 1 is frozen (SIGSTOP) mid-run: rank 0 gives up after --collective-timeout with a message
-    naming the step, instead of waiting the old 300 s; the whole job exits non-zero."""
+    naming the step and the rank that did not answer (found through the launcher's store), instead of
+    waiting the old 300 s; the whole job exits non-zero."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "torch_impl.train", *TINY, "--steps", "400", "--eval-every", "0", "--no-checkpoint",
@@ -125,6 +136,7 @@ def test_hung_rank_ends_the_run_within_the_collective_timeout(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "a collective did not complete within --collective-timeout 5 s" in err and "error: step " in err, err[-3000:]
+    assert "rank(s) 1 did not answer (dead, hung, or far behind); rank 0 of 2 reports" in err, err[-3000:]
     assert elapsed < 60, elapsed  # 5 s timeout + teardown, far below the old 300 s
 
 
