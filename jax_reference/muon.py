@@ -12,8 +12,10 @@ small optax transforms, applied in the spec's order:
         optax.scale_by_learning_rate(lr),                            # §7: × (−lr)
     )), nonfinite)                                                   # §2 fp32, §9 policy
 
-so the update is Δ = −lr·(s·O + wd·mask⊙P), eq. (9). Every transform works
-leaf by leaf through jax.tree.map; where the math needs a matrix, a leaf is
+so the update is Δ = −lr·(s·O + wd·mask⊙P), eq. (9). With the MuonEq / Muon+
+options (.specs/orthogonalizers.md §6) orth is `balanced`: O = renorm(orth(
+equilibrate(U))), still in the §4 slot, so the chain and MuonState do not change.
+Every transform works leaf by leaf through jax.tree.map; where the math needs a matrix, a leaf is
 viewed as (shape[0], prod(shape[1:])) (§2) and reshaped back. The transforms
 compute in float32 and return float32 updates; `muon` casts the final update
 to the param dtype (jax_reference.precision.in_float32).
@@ -32,15 +34,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax_reference.aol import aol
+from jax_reference.gram_newton_schulz import gram_newton_schulz
 from jax_reference.nonfinite import check_policy, guard_nonfinite
 from jax_reference.orthogonalize import NS5_COEFFS, newton_schulz, polar_express
 from jax_reference.precision import in_float32
+from jax_reference.schedules import SCHEDULES, cans, cubic, deepseek_v4
 
+# The named orthogonalizers (.specs/orthogonalizers.md §1), all called as f(X, *, steps, eps, compute_dtype).
 ORTHOGONALIZERS = {
     "newton_schulz": functools.partial(newton_schulz, coeffs=NS5_COEFFS),
     "polar_express": polar_express,
+    "gram_newton_schulz": gram_newton_schulz,  # Polar Express schedule and 1.01 norm scale by default
+    "aol": aol,
+    "cans": cans,
+    "cubic": cubic,
+    "deepseek_v4": deepseek_v4,
+}
+# The schedule (SCHEDULES) each named orthogonalizer runs: it decides the step counts it accepts.
+ORTHOGONALIZER_SCHEDULES = {
+    "newton_schulz": "newton_schulz",
+    "polar_express": "polar_express",
+    "gram_newton_schulz": "polar_express",
+    "aol": "aol",
+    "cans": "cans",
+    "cubic": "cubic",
+    "deepseek_v4": "deepseek_v4",
 }
 SHAPE_SCALES = ("max_ratio", "match_rms_adamw")
+# Floors of the row norms (MuonEq) and of ‖O‖_F (Muon+), as nanochat's clamp_min(1e-6).
+ROW_EQUILIBRATION_EPS = 1e-6
+FROBENIUS_RENORMALIZATION_EPS = 1e-6
 
 
 # ---- shapes (§2, §5, §6) -------------------------------------------------------------
@@ -98,18 +122,68 @@ def resolve_orthogonalizer(
 ) -> Callable[[jax.Array], jax.Array]:
     """orth of §4 eq. (3): X ↦ f(X, steps=ns_steps, eps=eps, compute_dtype=ns_dtype).
 
-    `orthogonalizer` is "newton_schulz" (NS5 coefficients), "polar_express", or
-    a callable with that keyword signature.
+    `orthogonalizer` is a name of ORTHOGONALIZERS ("newton_schulz" with the NS5 coefficients,
+    "polar_express", "gram_newton_schulz", "aol", "cans", "cubic", "deepseek_v4") or a callable
+    with that keyword signature. A name's ns_steps is checked now against its schedule
+    (ValueError naming the step counts it supports, e.g. "cubic": 5 only).
     """
     if callable(orthogonalizer):
         fn = orthogonalizer
     elif orthogonalizer in ORTHOGONALIZERS:
         fn = ORTHOGONALIZERS[orthogonalizer]
+        try:
+            SCHEDULES[ORTHOGONALIZER_SCHEDULES[orthogonalizer]].check_steps(ns_steps)
+        except ValueError as e:
+            raise ValueError(f"orthogonalizer {orthogonalizer!r}: ns_steps: {e}") from None
     else:
         raise ValueError(
             f"orthogonalizer must be a callable or one of {tuple(ORTHOGONALIZERS)}, got {orthogonalizer!r}"
         )
     return functools.partial(fn, steps=ns_steps, eps=eps, compute_dtype=ns_dtype)
+
+
+# ---- MuonEq and Muon+: maps around orth (.specs/orthogonalizers.md §6) ----------------
+
+
+def _frobenius(X) -> jax.Array:
+    return jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True))
+
+
+def row_equilibrate(X: jax.Array) -> jax.Array:
+    """MuonEq (R): each row of a float32 (rows, cols) matrix rescaled to the quadratic-mean row norm.
+
+    X_i ← X_i · t / max(‖X_i‖₂, 1e-6) with t = ‖X‖_F / √rows (rows of the §2 view, whether the
+    matrix is wide or tall). Rows with norm ≥ 1e-6 all end with norm t, so ‖X‖_F is kept when no
+    row is below the floor.
+    """
+    target = _frobenius(X) / math.sqrt(X.shape[-2])
+    row_norm = jnp.maximum(jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True)), ROW_EQUILIBRATION_EPS)
+    return X * (target / row_norm)
+
+
+def frobenius_renormalize(O: jax.Array) -> jax.Array:
+    """Muon+ as nanochat: O · √min(rows, cols) / max(‖O‖_F, 1e-6), so ‖O‖_F = √min(rows, cols)."""
+    return O * (math.sqrt(min(O.shape[-2:])) / jnp.maximum(_frobenius(O), FROBENIUS_RENORMALIZATION_EPS))
+
+
+def balanced(
+    orthogonalize: Callable[[jax.Array], jax.Array], row_equilibration: bool, frobenius_renormalization: bool
+) -> Callable[[jax.Array], jax.Array]:
+    """orth of §4 with the options: X ↦ renorm(orth(equilibrate(X))), each step only when asked.
+
+    With both off it returns `orthogonalize` itself (Muon unchanged). The maps act on one whole
+    float32 (rows, cols) matrix, so they run wherever orth runs (on the owner in the sharded step).
+    """
+    if not (row_equilibration or frobenius_renormalization):
+        return orthogonalize
+
+    def orth(X):
+        if row_equilibration:
+            X = row_equilibrate(X)
+        O = orthogonalize(X).astype(jnp.float32)
+        return frobenius_renormalize(O) if frobenius_renormalization else O
+
+    return orth
 
 
 # ---- the transforms, in chain order --------------------------------------------------
@@ -285,6 +359,8 @@ def muon(
     eps: float = 1e-7,
     nonfinite: str = "raise",
     orth_map: Callable[..., Any] = per_leaf,
+    row_equilibration: bool = False,
+    frobenius_renormalization: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Muon (.specs/muon_math.md §3–§7) as an optax transformation; `update` needs params.
 
@@ -299,10 +375,14 @@ def muon(
       orth_map: how orth reaches the matrices (scale_by_orthogonalized_momentum):
         per_leaf on one device; jax_reference.sharded builds the row-sharded step
         (§12) by passing its on_owners(mesh) here.
+      row_equilibration: MuonEq (R), row_equilibrate on U before orth.
+      frobenius_renormalization: Muon+ as nanochat, frobenius_renormalize on O after orth
+        (before NorMuon). Both off by default (.specs/orthogonalizers.md §6; see `balanced`).
 
     Every leaf must have ndim >= 2 (ValueError naming the leaf otherwise).
     """
-    orthogonalize = resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype, eps)
+    orthogonalize = balanced(resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype, eps),
+                             row_equilibration, frobenius_renormalization)
     rule = shape_scale  # the argument shadows the module-level function of that name
     check_policy(nonfinite)
     schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
