@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_reference.orthogonalize import Coeffs, _check_matrix, _is_traced, _matmul, _step, coefficient_schedule
+from jax_reference.orthogonalize import Coeffs, _check_matrix, _matmul, _step, checked_input, coefficient_schedule
 from jax_reference.schedules import SCHEDULES
 
 
@@ -64,13 +64,8 @@ def aol(G, steps: int = 4, eps: float = 1e-7, compute_dtype=jnp.bfloat16, coeffs
 
     Same input errors as newton_schulz.
     """
-    G = jnp.asarray(G)
-    _check_matrix(G.dtype, G.shape, None if _is_traced(G) else G)
+    G, compute_dtype, acc = checked_input(G, compute_dtype)
     schedule = _schedule(coeffs, steps)
-    compute_dtype = jnp.dtype(compute_dtype)
-    if not jnp.issubdtype(compute_dtype, jnp.floating):
-        raise ValueError(f"compute_dtype must be floating, got {compute_dtype}")
-    acc = jnp.float64 if compute_dtype == jnp.float64 else jnp.float32
     tall = G.shape[-2] > G.shape[-1]
     # Transposed before the jitted step, so a tall matrix and its wide transpose share one compile.
     X = _aol_first_step(jnp.swapaxes(G, -1, -2) if tall else G, jnp.asarray(schedule[0], acc), eps, compute_dtype)

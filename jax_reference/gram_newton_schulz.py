@@ -33,10 +33,9 @@ from jax_reference.orthogonalize import (
     POLAR_EXPRESS_COEFFS,
     POLAR_EXPRESS_NORM_SCALE,
     Coeffs,
-    _check_matrix,
-    _is_traced,
     _matmul,
     _normalize,
+    checked_input,
     coefficient_schedule,
     newton_schulz,
 )
@@ -115,16 +114,11 @@ def gram_newton_schulz(
     Square matrices (rows == cols) run newton_schulz itself (bitwise equal to it). Errors: those
     of newton_schulz, and ValueError for a bad restart_after.
     """
-    G = jnp.asarray(G)
-    _check_matrix(G.dtype, G.shape, None if _is_traced(G) else G)
+    G, compute_dtype, acc = checked_input(G, compute_dtype)
     schedule = coefficient_schedule(coeffs, steps)
     restarts = check_restarts(restart_after)
-    compute_dtype = jnp.dtype(compute_dtype)
-    if not jnp.issubdtype(compute_dtype, jnp.floating):
-        raise ValueError(f"compute_dtype must be floating, got {compute_dtype}")
     if G.shape[-2] == G.shape[-1]:
         return newton_schulz(G, steps, coeffs, eps=eps, compute_dtype=compute_dtype, norm_scale=norm_scale)
-    acc = _acc(compute_dtype)
 
     X = _normalize(G, norm_scale, eps, compute_dtype)  # wide: rows ≤ cols
     R, Q = _gram(X), None

@@ -100,6 +100,18 @@ def coefficient_schedule(coeffs: Coeffs, steps: int) -> list[Triple]:
     return [triples[min(k, len(triples) - 1)] for k in range(steps)]
 
 
+def checked_input(G, compute_dtype) -> tuple[jax.Array, np.dtype, type]:
+    """(G as an array, compute_dtype, accumulation dtype) after the input checks every
+    orthogonalizer shares (_check_matrix; NaN/inf only for a concrete G). float64 compute
+    accumulates in float64, everything else in float32."""
+    G = jnp.asarray(G)
+    _check_matrix(G.dtype, G.shape, None if _is_traced(G) else G)
+    compute_dtype = jnp.dtype(compute_dtype)
+    if not jnp.issubdtype(compute_dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be floating, got {compute_dtype}")
+    return G, compute_dtype, (jnp.float64 if compute_dtype == jnp.float64 else jnp.float32)
+
+
 def _matmul(x, y, acc_dtype):
     # HIGHEST: on GPU XLA would otherwise use TF32 for f32 inputs.
     # preferred_element_type: bf16 products accumulate in acc_dtype, like cuBLAS.
@@ -173,13 +185,8 @@ def newton_schulz(
     concrete. Under jit G is a tracer and is not checked: a non-finite input
     then simply propagates NaN into the output.
     """
-    G = jnp.asarray(G)
-    _check_matrix(G.dtype, G.shape, None if _is_traced(G) else G)
+    G, compute_dtype, acc = checked_input(G, compute_dtype)
     schedule = coefficient_schedule(coeffs, steps)
-    compute_dtype = jnp.dtype(compute_dtype)
-    if not jnp.issubdtype(compute_dtype, jnp.floating):
-        raise ValueError(f"compute_dtype must be floating, got {compute_dtype}")
-    acc = jnp.float64 if compute_dtype == jnp.float64 else jnp.float32
 
     X = _normalize(G, norm_scale, eps, compute_dtype)
     for abc in schedule:

@@ -34,10 +34,9 @@ from jax_reference.orthogonalize import (
     POLAR_EXPRESS_COEFFS,
     POLAR_EXPRESS_NORM_SCALE,
     Triple,
-    _check_matrix,
-    _is_traced,
     _matmul,
     _normalize,
+    checked_input,
     newton_schulz,
 )
 
@@ -182,12 +181,7 @@ def cubic(G, steps: int = 5, eps: float = 1e-7, compute_dtype=jnp.bfloat16) -> j
     (torch: addmm/baddbmm(X, A, X, beta=a, alpha=b)). Same input errors as newton_schulz.
     """
     triples = SCHEDULES["cubic"].triples(steps)
-    G = jnp.asarray(G)
-    _check_matrix(G.dtype, G.shape, None if _is_traced(G) else G)
-    compute_dtype = jnp.dtype(compute_dtype)
-    if not jnp.issubdtype(compute_dtype, jnp.floating):
-        raise ValueError(f"compute_dtype must be floating, got {compute_dtype}")
-    acc = jnp.float64 if compute_dtype == jnp.float64 else jnp.float32
+    G, compute_dtype, acc = checked_input(G, compute_dtype)
     X = _normalize(G, 1.0, eps, compute_dtype)
     for a, b, _ in triples:
         X = _cubic_step(X, jnp.asarray((a, b), acc))

@@ -38,8 +38,7 @@ def precheck(train_argv: list[str]) -> int | None:
     from torch_impl.config import TrainConfig, UsageError
     try:
         cfg = TrainConfig.from_argv(train_argv)  # argparse prints its own error and exits 2
-        cfg.validate()
-        cfg.device_type()
+        cfg.validate()  # includes --device
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -360,8 +360,8 @@ def train(plan: Plan, d: Dist, stop: StopSignals | None = None) -> dict:
 
             if not math.isfinite(loss_value) and stepped:  # a skipped step (--nonfinite skip) changed nothing
                 raise TrainingDiverged(f"step {step}: loss is {loss_value}: training diverged")
-            flat = flat + 1 if stepped and loss_value == previous_loss else 0
-            previous_loss = loss_value if stepped else previous_loss
+            if stepped:
+                flat, previous_loss = (flat + 1 if loss_value == previous_loss else 0), loss_value
             if flat >= FLAT_LOSS_STEPS - 1:
                 raise TrainingDiverged(
                     f"step {step}: the loss has been exactly {loss_value!r} for {FLAT_LOSS_STEPS} steps of different "
@@ -439,7 +439,8 @@ def main(argv=None) -> int:
     # torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor and warns on every call site, on
     # every rank; the old names are what gloo and NCCL both support, so keep the log readable
     warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
-    # under torchrun every rank parses the same flags: only rank 0 prints --help or argparse's error
+    # under torchrun every rank parses the same flags and meets the same usage errors: rank 0 alone
+    # prints them (and --help); RANK is what Dist.master reads too, and it is known before the group
     quiet = os.environ.get("RANK", "0") != "0"
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext(), \
             contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -459,11 +460,11 @@ def main(argv=None) -> int:
             print(e, flush=True)
         return 0
     except (UsageError, NonFiniteGradientError, TrainingDiverged) as e:
-        if (d.master if d is not None else not quiet):  # one line, from rank 0
+        if not quiet:  # one line, from rank 0
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except CheckpointError as e:  # a failed save (e.g. a full disk): every rank raises it, rank 0 says it
-        if (d.master if d is not None else not quiet):
+        if not quiet:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except Stopped as e:  # a signal: the checkpoint is saved; 128 + signum, the shell's "ended by a signal"
