@@ -3,6 +3,8 @@
 ci:       derandomized, no example database, modest example counts (default when CI=true)
 dev:      random with the local database, so a failure shrinks and replays (default)
 thorough: many more examples, for a change to the optimizer before trusting it
+mutation: ci without shrinking, for the planted-bug runs (parity_tests/mutation.py): they only
+          need to know that a test fails, and shrinking a failure costs most of their time
 """
 
 import os
@@ -15,12 +17,13 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 # First calls compile (jax.jit) or spin up BLAS: no per-example deadline.
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", derandomize=True, database=None, max_examples=15,
                           print_blob=True, **_common)
+settings.register_profile("mutation", settings.get_profile("ci"), phases=(Phase.explicit, Phase.reuse, Phase.generate))
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("thorough", max_examples=300, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

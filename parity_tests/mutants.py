@@ -8,14 +8,14 @@ ORTH_SELECT = "fp32_both_frameworks"
 
 MUTANTS = [
     Mutant("ns: wrong sign of coefficient b", ORTH,
-           "B = torch.baddbmm(A, A, A.mT, beta=b, alpha=c)",
-           "B = torch.baddbmm(A, A, A.mT, beta=-b, alpha=c)", ORTH_TESTS, ORTH_SELECT),
+           "return torch.baddbmm(A, A, A.mT, beta=b, alpha=c)",
+           "return torch.baddbmm(A, A, A.mT, beta=-b, alpha=c)", ORTH_TESTS, ORTH_SELECT),
     Mutant("ns: tall matrices not transposed back", ORTH,
-           "    if transposed:\n        X = X.mT\n    return",
+           "    if m > n:\n        X = X.mT\n    return",
            "    return", ORTH_TESTS, ORTH_SELECT),
     Mutant("ns: missing Frobenius normalisation", ORTH,
-           "X = (X / (frobenius_norm(X) * norm_scale + eps)).to(compute_dtype)",
-           "X = X.to(compute_dtype)", ORTH_TESTS, ORTH_SELECT),
+           "return (X / (frobenius_norm(X) * norm_scale + eps)).to(compute_dtype)",
+           "return X.to(compute_dtype)", ORTH_TESTS, ORTH_SELECT),
 ]
 
 MUON = "torch_impl/muon.py"
@@ -90,4 +90,28 @@ MUTANTS += [
            "p.copy_(out[slot].view_as(p))",
            "p.copy_(out[slot].view_as(p)) if self.placement(p).holds(rank) else None",
            DIST_HYBRID_TESTS, "churn"),
+]
+
+# The orthogonalizer zoo and the MuonEq / Muon+ options (issue 11).
+ZOO_TESTS = ("parity_tests/test_orthogonalizer_zoo_parity.py",)
+ZOO_SELECT = "fp32_both_frameworks"
+ZOO_MUON_SELECT = "variant_trajectory"
+
+MUTANTS += [
+    Mutant("gram ns: Q multiplied by R instead of Z", "torch_impl/gram_newton_schulz.py",
+           "Q = torch.baddbmm(Q, Q, Z, beta=a, alpha=1.0)",
+           "Q = torch.baddbmm(Q, Q, R, beta=a, alpha=1.0)", ZOO_TESTS, ZOO_SELECT),
+    Mutant("aol: Gram matrix rescaled on one side only", "torch_impl/aol.py",
+           "A = (d.unsqueeze(-1) * A.to(acc) * d.unsqueeze(-2)).to(compute_dtype)",
+           "A = (d.unsqueeze(-1) * A.to(acc)).to(compute_dtype)", ZOO_TESTS, ZOO_SELECT),
+    Mutant("cubic: a and b swapped", "torch_impl/schedules.py",
+           "X = torch.baddbmm(X, A.mT, X, beta=a, alpha=b)",
+           "X = torch.baddbmm(X, A.mT, X, beta=b, alpha=a)", ZOO_TESTS, ZOO_SELECT),
+    Mutant("muoneq: columns equilibrated instead of rows", MUON,
+           "row_norm = X.square().sum(dim=-1, keepdim=True).sqrt().clamp_min(ROW_EQUILIBRATION_EPS)",
+           "row_norm = X.square().sum(dim=-2, keepdim=True).sqrt().clamp_min(ROW_EQUILIBRATION_EPS)",
+           ZOO_TESTS, ZOO_MUON_SELECT),
+    Mutant("muon+: renormalized to sqrt(max(rows, cols))", MUON,
+           "return O * (math.sqrt(min(O.shape[-2:]))",
+           "return O * (math.sqrt(max(O.shape[-2:]))", ZOO_TESTS, ZOO_MUON_SELECT),
 ]

@@ -3,7 +3,8 @@
 Each `Mutant` is a one-line source edit of torch_impl. `run_suite` copies the project
 (packages, tests, conftest) into a temporary directory, applies the edit there — the
 working tree is never touched — and runs a selection of parity tests in a subprocess
-with the derandomized `ci` hypothesis profile. A mutant is caught when pytest reports
+with the derandomized `mutation` hypothesis profile (`ci` without shrinking: a caught mutant
+needs one failing example, not the smallest). A mutant is caught when pytest reports
 test failures (exit code 1); an import or collection error (exit 2+) does not count.
 """
 
@@ -54,9 +55,11 @@ def run_suite(mutant: Mutant | None, tests: tuple[str, ...], select: str = "",
                 shutil.copy2(src, root / name)
         if mutant is not None:
             apply(mutant, root)
-        env = dict(os.environ, HYPOTHESIS_PROFILE="ci", PYTHONDONTWRITEBYTECODE="1",
+        env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", PYTHONDONTWRITEBYTECODE="1",
                    PYTHONPATH=str(root))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        # -m: the CI suite's marker selection (slow tests are for the thorough runs, not for this)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not cuda",
+               *tests]
         if select:
             cmd += ["-k", select]
         # Guard: the copy, not the installed project, must be what the tests import.

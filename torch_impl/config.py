@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from torch_impl.muon import ORTHOGONALIZERS
+from torch_impl.muon import ORTHOGONALIZERS, check_orthogonalizer, default_steps
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -97,7 +97,14 @@ class TrainConfig:
                                                         "beta2 (e.g. 0.95)")
     orthogonalizer: str = flag("newton_schulz", OPTIMIZER, "how Muon orthogonalizes its update",
                                choices=tuple(ORTHOGONALIZERS))
-    ns_steps: int = flag(5, OPTIMIZER, "orthogonalizer iterations")
+    ns_steps: int | None = flag(None, OPTIMIZER, "orthogonalizer iterations; default: the orthogonalizer's published "
+                                                "count (aol 4, deepseek_v4 10, the others 5)")
+    row_equilibration: bool = flag(False, OPTIMIZER, "Muon: MuonEq, rescale every row of the update to the mean "
+                                                     "row norm before orthogonalizing")
+    frobenius_renormalization: bool = flag(False, OPTIMIZER, "Muon: Muon+, rescale the orthogonalized update to "
+                                                             "Frobenius norm sqrt(min(rows, cols))")
+    compile_optimizer: bool = flag(False, OPTIMIZER, "torch.compile Muon's orthogonalizer (one graph per matrix "
+                                                     "shape; worth it on CUDA, a ~20 s compile on CPU)")
     ns_dtype: str = flag("auto", OPTIMIZER, "orthogonalizer compute dtype; auto: bfloat16 on CUDA, float32 on CPU "
                                             "(CPUs without AVX512-BF16 emulate bf16 matmuls, 10-40x slower)",
                          choices=("auto", "float32", "bfloat16"))
@@ -232,6 +239,10 @@ class TrainConfig:
         """The flags as a JSON-able dict, in declaration order (config.json and checkpoints store it)."""
         return asdict(self)
 
+    def muon_ns_steps(self) -> int:
+        """--ns-steps, or the orthogonalizer's published step count when not given."""
+        return default_steps(self.orthogonalizer) if self.ns_steps is None else self.ns_steps
+
     def device_type(self) -> str:
         """"cpu" or "cuda": what --device asks for on this machine; UsageError if unknown or unavailable.
         The one check needed before the process group (whose backend depends on it) is created."""
@@ -247,7 +258,7 @@ class TrainConfig:
         """Raise UsageError for a configuration that cannot run, whatever the data: bad --device, values out
         of range, contradicting flags. Deterministic and local, so every rank reaches the same verdict."""
         self.device_type()
-        for name in ("depth", "seq_len", "device_batch_size", "ns_steps", "eval_tokens"):
+        for name in ("depth", "seq_len", "device_batch_size", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("total_batch_size", "steps", "token_budget", "max_corpus_bytes", "stop_at"):
@@ -265,6 +276,12 @@ class TrainConfig:
             if v > torch.finfo(torch.float32).max:  # the optimizers compute in fp32: it would become inf
                 raise UsageError(f"--{name.replace('_', '-')} {v} overflows float32 (max "
                                  f"{torch.finfo(torch.float32).max:.3g})")
+        bf16 = self.ns_dtype == "bfloat16" or (self.ns_dtype == "auto" and self.device_type() == "cuda")
+        ns_dtype = torch.bfloat16 if bf16 else torch.float32
+        try:  # the step counts the orthogonalizer's schedule supports, and its dtype limits
+            check_orthogonalizer(self.orthogonalizer, self.muon_ns_steps(), ns_dtype)
+        except ValueError as e:
+            raise UsageError(f"--orthogonalizer/--ns-steps: {e}") from None
         if self.normuon_beta2 is not None and not 0 <= self.normuon_beta2 < 1:
             raise UsageError(f"--normuon-beta2 must be in [0, 1), got {self.normuon_beta2}")
         if not 0 < self.val_fraction < 1:

@@ -32,7 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from torch_impl.aol import aol
+from torch_impl.gram_newton_schulz import gram_newton_schulz
 from torch_impl.orthogonalize import frobenius_norm, newton_schulz, polar_express
+from torch_impl.schedules import SCHEDULES, cans, cubic, deepseek_v4
 
 SHAPE_SCALES = ("max_ratio", "match_rms_adamw")
 
@@ -130,19 +133,47 @@ def muon_step(
                     hp, *params.shape[-2:])
 
 
-# Muon checks gradients for NaN/inf once per step: the registered orthogonalizers skip their
-# own per-call check (a host sync on GPU).
-ORTHOGONALIZERS = {"newton_schulz": functools.partial(newton_schulz, check_finite=False),
-                   "polar_express": functools.partial(polar_express, check_finite=False)}
+# The named orthogonalizers (.specs/orthogonalizers.md §1), all called as f(X, *, steps, eps,
+# compute_dtype). Muon checks gradients for NaN/inf once per step, so they skip their own
+# per-call check (a host sync on GPU).
+ORTHOGONALIZERS = {name: functools.partial(fn, check_finite=False) for name, fn in (
+    ("newton_schulz", newton_schulz),
+    ("polar_express", polar_express),
+    ("gram_newton_schulz", gram_newton_schulz),  # Polar Express schedule and 1.01 norm scale by default
+    ("aol", aol),
+    ("cans", cans),
+    ("cubic", cubic),
+    ("deepseek_v4", deepseek_v4),
+)}
+# The schedule (schedules.SCHEDULES) each named orthogonalizer runs: it decides the step counts it accepts.
+ORTHOGONALIZER_SCHEDULES = {
+    "newton_schulz": "newton_schulz",
+    "polar_express": "polar_express",
+    "gram_newton_schulz": "polar_express",
+    "aol": "aol",
+    "cans": "cans",
+    "cubic": "cubic",
+    "deepseek_v4": "deepseek_v4",
+}
 NS_EPS = 1e-7  # added to the Frobenius norm so a zero matrix maps to zero (newton_schulz's default)
+
+
+def default_steps(orthogonalizer: str | Callable) -> int:
+    """The step count a named orthogonalizer's schedule is published with (5 for a callable)."""
+    if isinstance(orthogonalizer, str) and orthogonalizer in ORTHOGONALIZER_SCHEDULES:
+        return SCHEDULES[ORTHOGONALIZER_SCHEDULES[orthogonalizer]].default_steps
+    return 5
 
 
 def check_orthogonalizer(orthogonalizer: str | Callable, ns_steps: int, ns_dtype: torch.dtype) -> None:
     """ValueError for an unknown name, a non-callable, or a callable that cannot be called as
     f(X, *, steps, eps, compute_dtype). Muon runs it at construction (collectively): at the
     first step only the ranks that own matrices would call it, and the others would wait."""
-    resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # names and non-callables
+    orth = resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # names, step counts, non-callables
     if isinstance(orthogonalizer, str):
+        # A trial call on a 1×2 zero matrix raises what only a call can tell (gram_newton_schulz's
+        # float16 range check), here on every rank instead of at the first step on the owners only.
+        orth(torch.zeros(1, 2))
         return
     try:
         inspect.signature(orthogonalizer).bind(None, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)
@@ -162,8 +193,50 @@ def resolve_orthogonalizer(
         if orthogonalizer not in ORTHOGONALIZERS:
             raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; "
                              f"valid: {', '.join(ORTHOGONALIZERS)} or a callable")
+        try:
+            SCHEDULES[ORTHOGONALIZER_SCHEDULES[orthogonalizer]].check_steps(ns_steps)
+        except ValueError as e:
+            raise ValueError(f"orthogonalizer {orthogonalizer!r}: ns_steps: {e}") from None
         orthogonalizer = ORTHOGONALIZERS[orthogonalizer]
     elif not callable(orthogonalizer):
         raise ValueError(f"orthogonalizer must be a name or a callable, got {orthogonalizer!r}")
     fn = orthogonalizer
     return lambda X: fn(X, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)
+
+
+# ---- MuonEq and Muon+: maps around the orthogonalizer (.specs/orthogonalizers.md §6) ----
+ROW_EQUILIBRATION_EPS = 1e-6  # floors of the row norms and of ‖O‖_F, as nanochat's clamp_min(1e-6)
+FROBENIUS_RENORMALIZATION_EPS = 1e-6
+
+
+def row_equilibrate(X: torch.Tensor) -> torch.Tensor:
+    """MuonEq (R) (Chang et al., https://arxiv.org/abs/2603.28254): each row of every fp32
+    (rows, cols) matrix rescaled to the quadratic-mean row norm t = ‖X‖_F/√rows,
+    X_i ← X_i · t / max(‖X_i‖₂, 1e-6). Rows above the floor all end with norm t, so ‖X‖_F is kept."""
+    target = frobenius_norm(X) / math.sqrt(X.shape[-2])
+    # planted-bug target (parity_tests/mutants.py)
+    row_norm = X.square().sum(dim=-1, keepdim=True).sqrt().clamp_min(ROW_EQUILIBRATION_EPS)
+    return X * (target / row_norm)
+
+
+def frobenius_renormalize(O: torch.Tensor) -> torch.Tensor:
+    """Muon+ as nanochat (citing https://arxiv.org/abs/2602.21545):
+    O · √min(rows, cols) / max(‖O‖_F, 1e-6), the Frobenius norm of an exactly semi-orthogonal matrix."""
+    # planted-bug target (parity_tests/mutants.py)
+    return O * (math.sqrt(min(O.shape[-2:])) / frobenius_norm(O).clamp_min(FROBENIUS_RENORMALIZATION_EPS))
+
+
+def balanced(orthogonalize: Callable[[torch.Tensor], torch.Tensor], row_equilibration: bool,
+             frobenius_renormalization: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """X ↦ renorm(orth(equilibrate(X))), each map only when asked; with both off, `orthogonalize`
+    itself (Muon unchanged bit for bit). Whole-matrix maps: they run wherever orth runs."""
+    if not (row_equilibration or frobenius_renormalization):
+        return orthogonalize
+
+    def orth(X: torch.Tensor) -> torch.Tensor:
+        if row_equilibration:
+            X = row_equilibrate(X)
+        O = orthogonalize(X).to(torch.float32)
+        return frobenius_renormalize(O) if frobenius_renormalization else O
+
+    return orth

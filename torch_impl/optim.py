@@ -40,7 +40,7 @@ phase 1). Anything else (a crashed rank) is bounded by the process group's finit
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
 import torch
@@ -63,6 +63,7 @@ from torch_impl.muon import (
     MuonHyper,
     apply_direction,
     as_matrix_shape,
+    balanced,
     check_orthogonalizer,
     muon_direction,
     muon_step,
@@ -244,14 +245,21 @@ class Muon(ShardedOptimizer):
     groups with "param_names" so error messages name parameters. `nonfinite="raise"`
     (default) raises before anything is written when a gradient has NaN/inf; `"skip"` skips
     the whole step (state untouched). `orthogonalizer`: a name of muon.ORTHOGONALIZERS or a
-    callable f(X, *, steps, eps, compute_dtype)."""
+    callable f(X, *, steps, eps, compute_dtype); a name's `ns_steps` must be one its schedule
+    supports (muon.default_steps gives the published count). `row_equilibration` (MuonEq) and
+    `frobenius_renormalization` (Muon+) wrap the orthogonalizer (muon.balanced; both off by
+    default). `compile=True` runs the orthogonalizer (with those maps) through torch.compile,
+    one graph per stack shape: the matmul part of the step. The elementwise rest stays eager:
+    torch specialises the Python floats it scales by (`alpha=lr·…`), so compiling it would
+    recompile whenever an lr or momentum schedule moves (measured: a new graph every step)."""
 
     kind = "muon"
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5,
                  orthogonalizer="newton_schulz", weight_decay=0.0, cautious_weight_decay=False,
                  normuon_beta2=None, shape_scale="max_ratio", ns_dtype=torch.bfloat16,
-                 nonfinite="raise", process_group=None, track_stats=False, grad_reduce_dtype=torch.float32):
+                 nonfinite="raise", process_group=None, track_stats=False, grad_reduce_dtype=torch.float32,
+                 row_equilibration=False, frobenius_renormalization=False, compile=False):
         def check_hyper():
             if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
                 raise ValueError(f"need lr ≥ 0, weight_decay ≥ 0, 0 ≤ momentum < 1; got "
@@ -265,12 +273,18 @@ class Muon(ShardedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         orthogonalizer=orthogonalizer, weight_decay=weight_decay,
                         cautious_weight_decay=cautious_weight_decay, normuon_beta2=normuon_beta2,
-                        shape_scale=shape_scale, ns_dtype=ns_dtype)
+                        shape_scale=shape_scale, ns_dtype=ns_dtype, row_equilibration=row_equilibration,
+                        frobenius_renormalization=frobenius_renormalization)
+        self.compile = compile
+        self._compiled: dict[tuple, Callable] = {}  # one compiled orthogonalizer per setting
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group,
                          track_stats=track_stats, grad_reduce_dtype=grad_reduce_dtype, check_hyper=check_hyper)
 
     def check_params(self) -> None:
         for group in self.param_groups:
+            # a group's own orthogonalizer / ns_steps / ns_dtype, checked here like the defaults
+            # (inside the collective construction check) rather than at the owners' first step
+            check_orthogonalizer(group["orthogonalizer"], group["ns_steps"], group["ns_dtype"])
             for name, p in named_params(group):
                 try:
                     as_matrix_shape(p.shape)
@@ -293,15 +307,26 @@ class Muon(ShardedOptimizer):
         mean = sum(loads) / len(loads)
         return max(loads) / mean if mean else 1.0
 
-    @staticmethod
-    def hyper(group: dict) -> MuonHyper:
+    def orthogonalizer(self, group: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The group's orth of muon_direction: the named (or given) orthogonalizer bound to its
+        settings, wrapped by MuonEq / Muon+ when asked, compiled once per setting with compile=True."""
+        # .get: groups saved before these options existed load without them (both off)
+        key = (group["orthogonalizer"], group["ns_steps"], group["ns_dtype"],
+               group.get("row_equilibration", False), group.get("frobenius_renormalization", False))
+        if key in self._compiled:
+            return self._compiled[key]
+        orth = balanced(resolve_orthogonalizer(*key[:3]), *key[3:])
+        if self.compile:
+            self._compiled[key] = orth = torch.compile(orth, fullgraph=True, dynamic=False)
+        return orth
+
+    def hyper(self, group: dict) -> MuonHyper:
         return MuonHyper(
             lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
             weight_decay=group["weight_decay"],
             cautious_weight_decay=group["cautious_weight_decay"],
             normuon_beta2=group["normuon_beta2"], shape_scale=group["shape_scale"],
-            orthogonalize=resolve_orthogonalizer(group["orthogonalizer"], group["ns_steps"],
-                                                 group["ns_dtype"]))
+            orthogonalize=self.orthogonalizer(group))
 
     def matrix_state(self, p: torch.Tensor, normuon: bool) -> dict:
         """Per-parameter fp32 state, created lazily (momentum, and NorMuon's second moment);

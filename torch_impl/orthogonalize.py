@@ -64,7 +64,9 @@ def coefficient_schedule(coeffs: Coeffs | Sequence[Coeffs], steps: int) -> list[
     return [triples[min(k, len(triples) - 1)] for k in range(steps)]
 
 
-def _check_matrix_input(G: torch.Tensor, check_finite: bool) -> None:
+def _check_matrix_input(G: torch.Tensor, check_finite: bool, compute_dtype: torch.dtype | None = None) -> None:
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise ValueError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype!r}")
     if not isinstance(G, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(G).__name__}")
     if not G.is_floating_point():
@@ -85,6 +87,53 @@ def frobenius_norm(X: torch.Tensor) -> torch.Tensor:
     return X.square().sum(dim=(-2, -1), keepdim=True).sqrt()
 
 
+def wide(G: torch.Tensor) -> torch.Tensor:
+    """G as a (batch, s, l) stack in the wide orientation, s = min(rows, cols) ≤ l: tall
+    matrices are transposed, so every Gram matrix X Xᵀ is the small s × s side."""
+    m, n = G.shape[-2:]
+    X = G.reshape(-1, m, n)
+    return X.mT if m > n else X
+
+
+def from_wide(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Undo `wide`: X (batch, s, l) back to G's shape and dtype."""
+    *batch, m, n = G.shape
+    # planted-bug target (parity_tests/mutants.py)
+    if m > n:
+        X = X.mT
+    return X.reshape(*batch, m, n).to(G.dtype)
+
+
+def normalized_wide(G: torch.Tensor, norm_scale: float, eps: float, compute_dtype: torch.dtype) -> torch.Tensor:
+    """X₀ = wide(G) / (‖G‖_F·norm_scale + eps) per matrix, computed in fp32 (fp64 for fp64 input)
+    and rounded once to `compute_dtype`: every singular value of X₀ lies in [0, 1/norm_scale]."""
+    norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
+    X = wide(G).to(norm_dtype)
+    # planted-bug target (parity_tests/mutants.py)
+    return (X / (frobenius_norm(X) * norm_scale + eps)).to(compute_dtype)
+
+
+def gram_polynomial(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """B = b·A + c·A² for symmetric A, computed in fp32 and rounded once."""
+    if c == 0:
+        # torch 2.13 CPU: bf16 baddbmm with alpha=0 returns its input unscaled (beta ignored)
+        # once the matrix is 17 × 17 or larger; b·A is the same math and rounding.
+        return A * b
+    # A is symmetric, so A·Aᵀ = A·A in exact arithmetic. The transposed operand layout takes
+    # oneDNN's fast bf16 path on CPUs without native bf16 GEMM (measured 3.4–7.9× faster on an
+    # AVX2 CPU) and costs nothing in fp32 or on CUDA.
+    # planted-bug target (parity_tests/mutants.py)
+    return torch.baddbmm(A, A, A.mT, beta=b, alpha=c)
+
+
+def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One step on a wide (batch, s, l) stack: A = X Xᵀ, B = b·A + c·A², X ← a·X + B·X,
+    i.e. σ ↦ aσ + bσ³ + cσ⁵. Two fused ops, each computed in fp32 and rounded once."""
+    A = torch.bmm(X, X.mT)
+    B = gram_polynomial(A, b, c)
+    return torch.baddbmm(X, B.mT, X, beta=a, alpha=1.0)  # B symmetric: Bᵀ·X = B·X, the fast layout
+
+
 def newton_schulz(
     G: torch.Tensor,
     steps: int = 5,
@@ -102,29 +151,12 @@ def newton_schulz(
     fp32-accumulated products and rounds once per op. Returns G's dtype; G is not modified.
     `check_finite=False` skips the NaN/inf check (a host sync on GPU) for callers that
     already checked, such as Muon."""
-    _check_matrix_input(G, check_finite)
+    _check_matrix_input(G, check_finite, compute_dtype)
     schedule = coefficient_schedule(coeffs, steps)
-    *batch, m, n = G.shape
-    X = G.reshape(-1, m, n)
-    transposed = m > n
-    if transposed:
-        X = X.mT
-    norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-    X = X.to(norm_dtype)
-    # planted-bug target (parity_tests/mutants.py)
-    X = (X / (frobenius_norm(X) * norm_scale + eps)).to(compute_dtype)
+    X = normalized_wide(G, norm_scale, eps, compute_dtype)
     for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        # A and B are symmetric, so A·Aᵀ = A·A and Bᵀ·X = B·X in exact arithmetic. The
-        # transposed operand layout takes oneDNN's fast bf16 path on CPUs without native bf16
-        # GEMM (measured 3.4–7.9× faster on an AVX2 CPU) and costs nothing in fp32 or on CUDA.
-        # planted-bug target (parity_tests/mutants.py)
-        B = torch.baddbmm(A, A, A.mT, beta=b, alpha=c)
-        X = torch.baddbmm(X, B.mT, X, beta=a, alpha=1.0)
-    # planted-bug target (parity_tests/mutants.py)
-    if transposed:
-        X = X.mT
-    return X.reshape(*batch, m, n).to(G.dtype)
+        X = ns_step(X, a, b, c)
+    return from_wide(X, G)
 
 
 def polar_express(

@@ -111,9 +111,11 @@ def build_optimizer(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype, distrib
                  unembedding_lr=cfg.unembedding_lr, model_dim=model.config.n_embd, distributed=distributed,
                  matrix_optimizer="adamw" if cfg.optimizer == "adamw" else "muon",
                  adamw_matrix_lr=cfg.adamw_matrix_lr, weight_decay=cfg.weight_decay,
-                 orthogonalizer=cfg.orthogonalizer, ns_steps=cfg.ns_steps, ns_dtype=ns_dtype,
+                 orthogonalizer=cfg.orthogonalizer, ns_steps=cfg.muon_ns_steps(), ns_dtype=ns_dtype,
                  grad_reduce_dtype=getattr(torch, cfg.grad_reduce_dtype), nonfinite=cfg.nonfinite,
-                 normuon_beta2=cfg.normuon_beta2, cautious_weight_decay=cfg.cautious_wd)
+                 normuon_beta2=cfg.normuon_beta2, cautious_weight_decay=cfg.cautious_wd,
+                 row_equilibration=cfg.row_equilibration, frobenius_renormalization=cfg.frobenius_renormalization,
+                 compile=cfg.compile_optimizer)
     # Every block holds 6 matrices (attn c_q, c_k, c_v, c_proj; mlp c_fc, c_proj): a wrapper that
     # renamed or flattened them would otherwise turn the run into AdamW-only without a word.
     if cfg.optimizer == "hybrid":

@@ -12,7 +12,8 @@ from optax.contrib import _muon as optax_muon
 from jax_reference.aol import aol, aol_oracle, aol_precondition
 from jax_reference.orthogonalize import NS5_COEFFS
 from jax_reference.schedules import SCHEDULES, YOU_COEFFS
-from tests.jax_reference.orthogonalizer_cases import (
+from tests.orthogonalizer_bad_inputs import BAD_INPUTS
+from tests.orthogonalizer_cases import (
     DIMS,
     FEW_DIMS,
     KINDS,
@@ -22,8 +23,7 @@ from tests.jax_reference.orthogonalizer_cases import (
     matrix,
     rel_err,
 )
-from tests.jax_reference.rounding_bounds import FP32_U, FP64_U, ns_condition, tolerance
-from tests.orthogonalizer_bad_inputs import BAD_INPUTS
+from tests.rounding_bounds import FP32_U, FP64_U, ns_condition, tolerance
 
 TURBO = SCHEDULES["aol"].triples(4)  # You's schedule minus its first step
 KAPPA = ns_condition(TURBO, 1.0)  # ≈ 121 = Π|a_k|: AOL's X₀ has ‖X₀‖₂ ≤ 1

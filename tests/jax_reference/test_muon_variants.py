@@ -20,9 +20,9 @@ from jax_reference.muon import (
 )
 from jax_reference.schedules import SCHEDULES
 from jax_reference.sharded import row_mesh, shard_rows, sharded_muon, unshard_rows
-from tests.jax_reference.orthogonalizer_cases import FEW_DIMS, SEEDS, examples, matrix, rel_err
-from tests.jax_reference.rounding_bounds import FP32_U, gram_condition, ns_condition, tolerance
 from tests.orthogonalizer_bad_inputs import BAD_INPUTS
+from tests.orthogonalizer_cases import FEW_DIMS, SEEDS, examples, matrix, rel_err
+from tests.rounding_bounds import FP32_U, gram_condition, ns_condition, tolerance
 
 NAMES = sorted(ORTHOGONALIZERS)
 

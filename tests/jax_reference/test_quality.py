@@ -8,7 +8,7 @@ import pytest
 from jax_reference.orthogonalize import NS5_COEFFS, exact_polar, newton_schulz
 from jax_reference.quality import METRICS, quality_metrics
 from jax_reference.schedules import deepseek_v4
-from tests.jax_reference.orthogonalizer_cases import matrix
+from tests.orthogonalizer_cases import matrix
 
 EXACT = 1e-12  # fp64 SVD / eigh of 8..32-sized matrices: errors ~1e-15
 

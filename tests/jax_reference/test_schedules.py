@@ -27,8 +27,8 @@ from jax_reference.schedules import (
     deepseek_v4,
     schedule,
 )
-from tests.jax_reference.orthogonalizer_cases import DIMS, KINDS, SEEDS, bf16_rounded, examples, matrix, rel_err
-from tests.jax_reference.rounding_bounds import FP32_U, FP64_U, ns_condition, tolerance
+from tests.orthogonalizer_cases import DIMS, KINDS, SEEDS, bf16_rounded, examples, matrix, rel_err
+from tests.rounding_bounds import FP32_U, FP64_U, ns_condition, tolerance
 
 NAMED = {"cans": cans, "cubic": cubic, "deepseek_v4": deepseek_v4}
 

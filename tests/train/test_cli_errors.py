@@ -76,6 +76,12 @@ CASES = {
     "missing resume path": (lambda t: ["--resume", str(t / "nowhere")], "no such checkpoint"),
     "resume and overwrite": (lambda t: ["--resume", "--overwrite"], "contradict"),
     "bad device": (lambda t: ["--device", "tpu"], "--device must be"),
+    "unsupported ns steps": (lambda t: ["--orthogonalizer", "cubic", "--ns-steps", "4"],
+                             "orthogonalizer 'cubic': ns_steps: schedule 'cubic' supports steps = 5 only, got steps=4"),
+    "too few deepseek steps": (lambda t: ["--orthogonalizer", "deepseek_v4", "--ns-steps", "5"], "steps >= 10"),
+    "zero ns steps": (lambda t: ["--ns-steps", "0"], "supports steps >= 1, got steps=0"),
+    "gram fp16 overflow": (lambda t: ["--orthogonalizer", "gram_newton_schulz", "--ns-steps", "15",
+                                      "--ns-dtype", "bfloat16"], "past float16's range"),
 }
 
 

@@ -1,12 +1,12 @@
-"""Inputs and helpers shared by the orthogonalizer tests of tests/jax_reference (test_schedules,
-test_gram_newton_schulz, test_aol, test_quality, test_muon_variants)."""
+"""Inputs and helpers shared by tests/jax_reference and tests/torch_impl (test_schedules,
+test_gram_newton_schulz, test_aol, test_quality, test_muon_variants). numpy and Hypothesis only:
+no framework is imported here, so each side's tests load without the other's."""
 
-import jax.numpy as jnp
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 
-# A few shape buckets: every new shape recompiles the jitted steps (../shared/NOTES.md).
+# A few shape buckets: every new shape recompiles JAX's jitted steps (../shared/NOTES.md).
 DIMS = st.sampled_from([8, 16, 32, 48])
 SEEDS = st.integers(0, 2**32 - 1)
 # Two buckets (wide, tall, square) for the algorithms with their own jitted pieces (AOL, Gram NS,
@@ -46,5 +46,13 @@ def rel_err(x, ref):
 
 
 def bf16_rounded(G):
-    """G rounded to bf16 and back to float32: the input a bf16 run actually sees."""
-    return np.asarray(jnp.asarray(G, jnp.bfloat16).astype(jnp.float32))
+    """G rounded to bf16 and back to float32: the input a bf16 run actually sees.
+
+    Round to nearest, ties to even, on the float32 bit pattern: keep the top 16 bits after adding
+    0x7FFF plus the lowest kept bit (what torch's and ml_dtypes' casts do). Overflow rounds to ±inf
+    by the same carry. NaN stays NaN (as the quiet NaN 0x7FC0; casts differ in the payload: torch's
+    vectorised CPU cast gives 0xFFFF), so compare NaN-ness, not bits, there."""
+    bits = np.asarray(G, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16) << 16  # wraps only for NaN bits
+    rounded = np.where(np.isnan(bits.view(np.float32)), np.uint32(0x7FC00000), rounded).astype(np.uint32)
+    return rounded.view(np.float32)

@@ -1,8 +1,9 @@
 """First-order rounding bounds of the polynomial orthogonalizers, derived from their coefficients.
 
-Shared by the orthogonalizer tests in tests/jax_reference (test_schedules, test_gram_newton_schulz,
-test_aol, test_muon_variants). Every tolerance there is 2·u·κ (u: unit roundoff, 2⁻²⁴ fp32,
-2⁻⁵³ fp64), the convention of parity_tests/tolerances.py, with κ computed here:
+Shared by tests/jax_reference and tests/torch_impl (test_schedules, test_gram_newton_schulz, test_aol,
+test_muon_variants) and by parity_tests/test_orthogonalizer_zoo_parity.py. Every tolerance there is
+2·u·κ (u: unit roundoff, 2⁻²⁴ fp32, 2⁻⁵³ fp64), the convention of parity_tests/tolerances.py, with κ
+computed here:
 
 Newton-Schulz (`ns_condition`). Every step maps each singular value s ↦ p_k(s); a rounding error
 entering before step k in the direction of singular value s_k leaves the run multiplied by
