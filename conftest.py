@@ -36,10 +36,10 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 @pytest.fixture(scope="session")
 def rank_groups():
-    """One pool of 4 spawned worker processes for the whole session (tests/dist and the
+    """One pool of 4 worker processes for the whole session (tests/dist and the
     distributed parity tests): `rank_groups(n)` gives a gloo group of size n on its first n
-    workers (re-formed in ~0.5 s when n changes; spawning costs ~4 s of CPU per process for
-    `import torch`, so it is paid once). Case functions run in the ranks are sent by module
+    workers (re-formed in ~0.5 s when n changes; starting the pool imports torch once, in a
+    forkserver the workers are forked from, so it is paid once). Case functions run in the ranks are sent by module
     and name (tests/dist/harness.py), so they live in importable modules, not in a conftest."""
     from tests.dist.harness import RankGroup, RankPool
 
