@@ -1,0 +1,132 @@
+"""Singular-value spectra of one weight matrix's update: AdamW, raw momentum, and every orthogonalizer.
+
+A small GPT (nanochat architecture) trains for a few steps on the embedded corpus (the Python
+standard library's source, byte tokens) with the nanochat hybrid (Muon + AdamW). A shadow copy
+of one block matrix (block 0's MLP c_fc by default) is stepped by AdamW (betas 0.8, 0.95, as
+the hybrid's AdamW groups) on the same gradients. After the last step:
+
+- the raw gradient G of that matrix and Muon's Nesterov momentum U = lerp(G, M, μ), the matrix
+  every orthogonalizer receives;
+- the AdamW update direction (the shadow's parameter change divided by its lr);
+- O = f(U) for every registered orthogonalizer at its default step count, in fp32.
+
+Their singular values are written to spectra.json and drawn in spectra.png: σ_i against i
+(each normalised by its largest σ, log scale), so the before/after shapes compare directly. An
+exact polar factor is flat at 1; NS5 leaves a band around it; AdamW's update is not orthogonal.
+
+    python -m benchmarks.spectra            # depth 4, 40 steps (a few minutes on 2 CPU cores)
+    python -m benchmarks.spectra --quick    # depth 2, 8 steps (about 20 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.report import write_report
+from torch_impl.corpus import load_corpus
+from torch_impl.gpt import GPT, GPTConfig
+from torch_impl.muon import NS_EPS, ORTHOGONALIZERS, default_steps
+from torch_impl.optim import AdamW, hybrid
+from torch_impl.tokenizer import ByteTokenizer
+
+
+def token_batches(seq_len: int, batch: int, max_bytes: int, seed: int):
+    """Endless (inputs, targets) batches of byte tokens cut at random offsets of the corpus."""
+    tokens = np.concatenate([ByteTokenizer().encode_np(d) for d in load_corpus(max_bytes=max_bytes)])
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, len(tokens) - seq_len - 1, batch)
+        chunk = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+def collect(depth: int, steps: int, param: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Train `steps` steps; return the fp32 matrices whose spectra are compared."""
+    torch.manual_seed(seed)
+    width = 64 * depth
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=257, n_layer=depth, n_head=depth, n_kv_head=depth,
+                          n_embd=width))  # head_dim 64
+    model.init_weights()
+    opt = hybrid(model.named_parameters(), model_dim=width, ns_dtype=torch.float32)
+    target = dict(model.named_parameters())[param]
+    shadow = torch.nn.Parameter(target.detach().clone())
+    shadow_opt = AdamW([shadow], lr=1.0, betas=(0.8, 0.95), eps=1e-10)
+    batches = token_batches(128, 8, 2_000_000, seed)
+    for step in range(steps + 1):
+        x, y = next(batches)
+        loss = model(x, y)
+        loss.backward()
+        if step == steps:  # the last gradient: look, do not step
+            break
+        shadow.grad = target.grad.detach().clone()
+        before = shadow.detach().clone()
+        shadow_opt.step()
+        adamw_update = before - shadow.detach()  # lr = 1: the update direction itself
+        opt.step()
+        opt.zero_grad()
+    muon = opt.optimizers["muon"]
+    G = target.grad.detach().float()
+    M = muon.state[target]["momentum_buffer"]
+    mu = muon.param_groups[0]["momentum"]
+    U = G.lerp(M.lerp(G, 1 - mu), mu)  # muon_direction: the buffer takes G first, then Nesterov
+    out = {"gradient": G, "momentum (Nesterov U)": U, "AdamW update": adamw_update}
+    for name, fn in ORTHOGONALIZERS.items():
+        out[name] = fn(U, steps=default_steps(name), eps=NS_EPS, compute_dtype=torch.float32)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.spectra", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="depth 2, 8 steps")
+    parser.add_argument("--depth", type=int, default=None, help="GPT depth (width 64·depth; default 4, quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps first (default 40, quick 8)")
+    parser.add_argument("--param", default="transformer.h.0.mlp.c_fc.weight", help="the block matrix to look at")
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    args = parser.parse_args(argv)
+    depth = args.depth or (2 if args.quick else 4)
+    steps = args.steps if args.steps is not None else (8 if args.quick else 40)
+    if depth < 1 or steps < 1:
+        parser.error("--depth and --steps must be >= 1")
+    try:
+        mats = collect(depth, steps, args.param)
+    except KeyError:
+        parser.error(f"--param {args.param!r}: no such parameter in a depth-{depth} GPT")
+    spectra = {k: torch.linalg.svdvals(v.double()).numpy() for k, v in mats.items()}
+    rows = [dict(update=k, sigma_max=float(s[0]), sigma_min=float(s[-1]), ratio=float(s[-1] / s[0]),
+                 sigma_min_over_max=f"{s[-1] / s[0]:.3g}", band=f"{s[-1]:.3g}–{s[0]:.3g}")
+            for k, s in spectra.items()]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for i, (k, s) in enumerate(spectra.items()):
+        ax.plot(np.arange(1, len(s) + 1), s / s[0], label=k, lw=2.2 if i < 3 else 1.2, ls="-" if i < 3 else "--")
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("σ_i / σ_max")
+    shape = tuple(mats["gradient"].shape)
+    ax.set_title(f"{args.param} {shape}, depth {depth}, after {steps} steps")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    notes = (f"GPT depth {depth} (width {64 * depth}), {steps} hybrid steps on the stdlib corpus, byte tokens, "
+             f"batch 8×128; matrix {args.param} {shape}; orthogonalizers in fp32 at their default step counts "
+             "on the Nesterov momentum U. Spectra in spectra.json (rows) and spectra.png.")
+    paths = write_report(args.out, "spectra", "Update spectra of one weight matrix", rows,
+                         [("update", "update"), ("band", "σ min–max"), ("sigma_min_over_max", "σ_min/σ_max")],
+                         notes, figure=fig)
+    plt.close(fig)
+    for row in rows:
+        print(f"{row['update']:<24} σ {row['band']:>18}   σ_min/σ_max {row['sigma_min_over_max']}")
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
