@@ -278,8 +278,9 @@ class TrainConfig:
                                  f"{torch.finfo(torch.float32).max:.3g})")
         bf16 = self.ns_dtype == "bfloat16" or (self.ns_dtype == "auto" and self.device_type() == "cuda")
         ns_dtype = torch.bfloat16 if bf16 else torch.float32
-        try:  # the step counts the orthogonalizer's schedule supports, and its dtype limits
-            check_orthogonalizer(self.orthogonalizer, self.muon_ns_steps(), ns_dtype)
+        try:  # the step counts the orthogonalizer's schedule supports, and its dtype limits (Muon runs only)
+            if self.optimizer == "hybrid":
+                check_orthogonalizer(self.orthogonalizer, self.muon_ns_steps(), ns_dtype)
         except ValueError as e:
             raise UsageError(f"--orthogonalizer/--ns-steps: {e}") from None
         if self.normuon_beta2 is not None and not 0 <= self.normuon_beta2 < 1:

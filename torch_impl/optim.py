@@ -310,9 +310,11 @@ class Muon(ShardedOptimizer):
     def orthogonalizer(self, group: dict) -> Callable[[torch.Tensor], torch.Tensor]:
         """The group's orth of muon_direction: the named (or given) orthogonalizer bound to its
         settings, wrapped by MuonEq / Muon+ when asked, compiled once per setting with compile=True."""
-        # .get: groups saved before these options existed load without them (both off)
+        # .get: a group loaded from a state dict saved before these options existed lacks them;
+        # it keeps what this optimizer was built with
         key = (group["orthogonalizer"], group["ns_steps"], group["ns_dtype"],
-               group.get("row_equilibration", False), group.get("frobenius_renormalization", False))
+               group.get("row_equilibration", self.defaults["row_equilibration"]),
+               group.get("frobenius_renormalization", self.defaults["frobenius_renormalization"]))
         if key in self._compiled:
             return self._compiled[key]
         orth = balanced(resolve_orthogonalizer(*key[:3]), *key[3:])

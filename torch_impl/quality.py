@@ -39,9 +39,9 @@ def quality_metrics(O: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]
     if O.shape != G.shape:
         raise ValueError(f"O and G must have the same shape, got {tuple(O.shape)} and {tuple(G.shape)}")
     batch = G.shape[:-2]
-    G, O = G.detach().to(torch.float64), O.detach().to(torch.float64)
+    G, O = G.detach().to(torch.float64), O.detach().to(G.device, torch.float64)
     if not bool(torch.isfinite(O).all()):
-        return {name: torch.full(batch, math.inf, dtype=torch.float64) for name in METRICS}
+        return {name: torch.full(batch, math.inf, dtype=torch.float64, device=G.device) for name in METRICS}
     s = min(G.shape[-2:])
     W, P = wide(G), wide(O)  # (B, s, l)
     U, sig_g, Vh = torch.linalg.svd(G, full_matrices=False)
@@ -52,7 +52,7 @@ def quality_metrics(O: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]
     neg = lam.clamp_max(0).square().sum(-1).sqrt()
     pos = lam.clamp_min(0).square().sum(-1).sqrt()
     nuclear = sig_g.sum(-1)
-    eye = torch.eye(s, dtype=torch.float64)
+    eye = torch.eye(s, dtype=torch.float64, device=G.device)
     out = {
         "orth_error": _fro(P @ P.mT - eye) / math.sqrt(s),
         "polar_error": _fro(O - U @ Vh) / math.sqrt(s),

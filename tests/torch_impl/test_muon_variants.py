@@ -445,7 +445,7 @@ def test_muon_eq_conditions_the_orthogonalizer_input():
 def test_options_are_group_keys():
     """Per-group settings (torch group keys of the same names): a group with MuonEq + Muon+ next to a
     plain one equals two optimizers with those settings; a state_dict saved before the options existed
-    (groups without the keys) loads with them off."""
+    (groups without the keys) loads with the settings the optimizer was built with."""
     a, b, c = make_params([(16, 32), (16, 32)]), make_params([(16, 32), (16, 32)]), make_params([(16, 32)] * 2)
     kw = dict(lr=0.05, normuon_beta2=0.95, ns_dtype=torch.float32)
     mixed = Muon([{"params": [a[0]], "row_equilibration": True, "frobenius_renormalization": True},
@@ -470,3 +470,11 @@ def test_options_are_group_keys():
     params = restored.param_groups[0]["params"]
     run_steps(plain, c, steps=1), run_steps(restored, params, steps=1)
     assert all(torch.equal(p, q) for p, q in zip(c, params))
+    # Built with both options on, the old state dict does not switch them off.
+    d = make_params([(16, 32)] * 2)
+    built_on = Muon([torch.nn.Parameter(p.detach().clone()) for p in d], **kw, row_equilibration=True,
+                    frobenius_renormalization=True)
+    built_on.load_state_dict(saved)
+    reference = Muon(d, **kw, row_equilibration=True, frobenius_renormalization=True)
+    run_steps(reference, d, steps=1), run_steps(built_on, built_on.param_groups[0]["params"], steps=1)
+    assert all(torch.equal(p, q) for p, q in zip(d, built_on.param_groups[0]["params"]))

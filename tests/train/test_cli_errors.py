@@ -112,3 +112,13 @@ def test_torchrun_two_ranks_bad_data_fails(tmp_path):
     assert proc.returncode != 0
     assert "no such file or directory" in proc.stderr
     assert not out_dir.exists()
+
+
+def test_orthogonalizer_flags_are_checked_only_when_muon_runs():
+    """--optimizer adamw builds no Muon: its --orthogonalizer / --ns-steps are not refused (they would be
+    with the hybrid, the `unsupported ns steps` case above)."""
+    from torch_impl.config import TrainConfig, UsageError
+
+    TrainConfig.from_argv(["--optimizer", "adamw", "--orthogonalizer", "cubic", "--ns-steps", "4"]).validate()
+    with pytest.raises(UsageError, match="steps = 5 only"):
+        TrainConfig.from_argv(["--orthogonalizer", "cubic", "--ns-steps", "4"]).validate()
