@@ -28,6 +28,7 @@ import jax_reference.adamw as JA
 import jax_reference.muon as JM
 import jax_reference.optim as JO
 import torch_impl.orthogonalize as TO
+from parity_tests.lockstep import lockstep, trajectory_inputs
 from parity_tests.tolerances import FP32_UNIT_ROUNDOFF as U
 from parity_tests.tolerances import fp32_tolerance
 from torch_impl.muon import shape_scale
@@ -71,14 +72,6 @@ def muon_cases(draw):
         scale=draw(st.sampled_from(("max_ratio", "match_rms_adamw"))))
 
 
-def trajectory_inputs(case):
-    rng = np.random.default_rng(case["seed"])
-    params = [rng.standard_normal(s).astype(np.float32) for s in case["shapes"]]
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in case["shapes"]]
-             for _ in range(case["steps"])]
-    return params, grads
-
-
 def muon_tolerance(case, shape):
     rows, cols = shape[0], math.prod(shape[1:])
     rounding = 8 * U * case["steps"] * 4.0  # params stay O(1): |p| ≤ ~4 for N(0,1) draws
@@ -118,14 +111,7 @@ def test_muon_trajectory_torch_equals_jax(case):
                  orthogonalizer=j_orth, weight_decay=case["wd"],
                  cautious_weight_decay=case["cautious"], normuon_beta2=case["normuon"],
                  shape_scale=case["scale"], ns_dtype=jnp.float32)
-    jp = [jnp.asarray(p) for p in params]
-    state = tx.init(jp)
-    for t, gs in enumerate(grads):
-        for p, g in zip(tp, gs):
-            p.grad = torch.from_numpy(g.copy())
-        topt.step()
-        updates, state = tx.update([jnp.asarray(g) for g in gs], state, jp)
-        jp = optax.apply_updates(jp, updates)
+    for t, jp, state in lockstep(topt, tp, tx, params, grads):
         for i, (p, q) in enumerate(zip(tp, jp)):
             tol = muon_tolerance(dict(case, steps=t + 1), p.shape)
             np.testing.assert_allclose(p.detach().numpy(), np.asarray(q), rtol=0, atol=tol,

@@ -13,7 +13,6 @@ import math
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import optax
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -25,6 +24,7 @@ import torch_impl.aol as TAOL
 import torch_impl.muon as TM
 import torch_impl.orthogonalize as TO
 from parity_tests.inputs import build_matrix, matrix_specs, rel_fro
+from parity_tests.lockstep import lockstep, trajectory_inputs
 from parity_tests.tolerances import BF16_BAND, BF16_SPECTRUM_FLOOR
 from parity_tests.tolerances import FP32_UNIT_ROUNDOFF as U
 from tests.rounding_bounds import gram_condition, ns_condition, tolerance
@@ -172,9 +172,7 @@ EXPLICIT = [dict(shapes=[(8, 24), (24, 8)], steps=3, seed=11, orth=orth, lr=0.05
 @example(case=EXPLICIT[0]).via("explicit: aol, MuonEq, Muon+, NorMuon")
 @example(case=EXPLICIT[1]).via("explicit: gram_newton_schulz, MuonEq, Muon+, NorMuon")
 def test_muon_variant_trajectory_torch_equals_jax(case):
-    rng = np.random.default_rng(case["seed"])
-    params = [rng.standard_normal(s).astype(np.float32) for s in case["shapes"]]
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in case["shapes"]] for _ in range(case["steps"])]
+    params, grads = trajectory_inputs(case)
     common = dict(momentum=case["momentum"], nesterov=case["nesterov"], orthogonalizer=case["orth"],
                   ns_steps=TM.default_steps(case["orth"]), weight_decay=case["wd"], normuon_beta2=case["normuon"],
                   shape_scale=case["scale"], row_equilibration=case["row_eq"],
@@ -182,14 +180,7 @@ def test_muon_variant_trajectory_torch_equals_jax(case):
     tp = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
     topt = Muon(tp, lr=case["lr"], ns_dtype=torch.float32, **common)
     tx = JM.muon(case["lr"], ns_dtype=jnp.float32, **common)
-    jp = [jnp.asarray(p) for p in params]
-    state = tx.init(jp)
-    for t, gs in enumerate(grads):
-        for p, g in zip(tp, gs):
-            p.grad = torch.from_numpy(g.copy())
-        topt.step()
-        updates, state = tx.update([jnp.asarray(g) for g in gs], state, jp)
-        jp = optax.apply_updates(jp, updates)
+    for t, jp, _ in lockstep(topt, tp, tx, params, grads):
         for i, (p, q) in enumerate(zip(tp, jp)):
             np.testing.assert_allclose(p.detach().numpy(), np.asarray(q), rtol=0,
                                        atol=variant_tolerance(dict(case, steps=t + 1), p.shape),

@@ -243,6 +243,12 @@ class TrainConfig:
         """--ns-steps, or the orthogonalizer's published step count when not given."""
         return default_steps(self.orthogonalizer) if self.ns_steps is None else self.ns_steps
 
+    def muon_ns_dtype(self, device_type: str) -> torch.dtype:
+        """--ns-dtype as a dtype; auto: bfloat16 on CUDA, float32 on CPU."""
+        if self.ns_dtype == "auto":
+            return torch.bfloat16 if device_type == "cuda" else torch.float32
+        return getattr(torch, self.ns_dtype)
+
     def device_type(self) -> str:
         """"cpu" or "cuda": what --device asks for on this machine; UsageError if unknown or unavailable.
         The one check needed before the process group (whose backend depends on it) is created."""
@@ -276,11 +282,9 @@ class TrainConfig:
             if v > torch.finfo(torch.float32).max:  # the optimizers compute in fp32: it would become inf
                 raise UsageError(f"--{name.replace('_', '-')} {v} overflows float32 (max "
                                  f"{torch.finfo(torch.float32).max:.3g})")
-        bf16 = self.ns_dtype == "bfloat16" or (self.ns_dtype == "auto" and self.device_type() == "cuda")
-        ns_dtype = torch.bfloat16 if bf16 else torch.float32
         try:  # the step counts the orthogonalizer's schedule supports, and its dtype limits (Muon runs only)
             if self.optimizer == "hybrid":
-                check_orthogonalizer(self.orthogonalizer, self.muon_ns_steps(), ns_dtype)
+                check_orthogonalizer(self.orthogonalizer, self.muon_ns_steps(), self.muon_ns_dtype(self.device_type()))
         except ValueError as e:
             raise UsageError(f"--orthogonalizer/--ns-steps: {e}") from None
         if self.normuon_beta2 is not None and not 0 <= self.normuon_beta2 < 1:

@@ -147,8 +147,7 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     # tokens twice)
     eval_steps = max(1, min(cfg.eval_tokens // micro_tokens, (len(val_tokens) - 1) // micro_tokens))
 
-    ns_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[cfg.ns_dtype]
+    ns_dtype = cfg.muon_ns_dtype(d.device.type)
 
     if resume_meta is not None:
         check_resume(resume_from, resume_meta, config, cfg, train_tokens, val_tokens, num_steps)

@@ -67,8 +67,8 @@ def with_time(runs: dict[str, dict[str, list[dict]]]) -> None:
             clock += r.get("dt") or 0.0
             at_step[r["step"]] = clock
             r["_time"] = clock
-        for r in records["val"]:
-            r["_time"] = max((t for s, t in at_step.items() if s <= r["step"]), default=0.0)
+        for r in records["val"]:  # evaluated after its step's training (step 0: before any)
+            r["_time"] = at_step.get(r["step"], clock)
 
 
 def plot(runs: dict[str, dict[str, list[dict]]], out: Path, x: str = "step") -> None:
