@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench,train,dev]'
 	touch $@
 
-.PHONY: setup run orthogonalize-report test parity bench
+.PHONY: setup run bench-quick test parity bench study gpu-check
 setup: $(VENV)/.installed
 
 # Main job: a 2-rank CPU (gloo) training run of a tiny GPT on the embedded default corpus (the
@@ -25,8 +25,9 @@ run: $(VENV)/.installed
 		--out-dir $(RUN_DIR) --overwrite
 	$(PY) -m torch_impl.sample --checkpoint $(RUN_DIR) --prompt "def " --max-tokens 200
 
-orthogonalize-report: $(VENV)/.installed
-	$(PY) -m benchmarks.orthogonalize --quick
+# Every benchmark suite at small sizes into reports/quick (results.json, report.md, PNGs; ~1-2 min on 2 cores)
+bench-quick: $(VENV)/.installed
+	$(PY) -m benchmarks --quick --out reports/quick
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow and not cuda"
@@ -34,5 +35,14 @@ test: $(VENV)/.installed
 parity: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q parity_tests
 
+# Every suite at full size into reports/latest (long on a CPU: meant for a GPU machine)
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.orthogonalize
+	$(PY) -m benchmarks --out reports/latest
+
+# The Muon vs AdamW training study, quick mode (~2.5 min on 2 cores)
+study: $(VENV)/.installed
+	$(PY) -m benchmarks.study --quick --out reports/study
+
+# On a machine with one GPU: cuda tests, GPU suites, a d12 --compile run (~8 min), reports/gpu_check/summary.md
+gpu-check:
+	bash benchmarks/gpu_check.sh reports/gpu_check

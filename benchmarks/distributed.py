@@ -16,7 +16,7 @@ counters (/proc/net/dev "lo" transmit bytes, all ranks together, TCP framing inc
 ns_dtype is float32: this CPU's bf16 GEMM is emulated and ~10-40× slower.
 
     python -m benchmarks.distributed            # d12 (several minutes on 2 cores)
-    python -m benchmarks.distributed --quick    # 2 layers of width 256 (~1 minute)
+    python -m benchmarks.distributed --quick    # 2 layers of width 128, N = 1, 2 (seconds)
 
 With more ranks than cores (N = 4 on 2 cores) ranks time-share the cores, so wall time
 measures total CPU work more than parallel speed-up.
@@ -31,6 +31,7 @@ import os
 import queue
 import socket
 import statistics
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.report import write_report
+from benchmarks.report import positive_int
+from benchmarks.results import Suite, Table, cli_main
 
 
 def muon_shapes(n_layer: int, d: int) -> list[tuple[int, int]]:
@@ -199,7 +201,10 @@ def free_port() -> int:
 def run_world(n: int, cfg: dict, worker=None) -> list[dict]:
     """Spawn `n` ranks of `worker(rank, n, port, cfg, results)` (this module's by default) and
     return the rows rank 0 puts on `results`."""
-    ctx = mp.get_context("spawn")
+    # forkserver with torch preloaded: the server imports torch once per benchmark process and every
+    # rank is a fork of it (~0.1 s) instead of a fresh interpreter importing torch (~3-4 s of CPU each)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "benchmarks.distributed", "benchmarks.sharding"])
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=worker or _worker, args=(r, n, port, cfg, results)) for r in range(n)]
@@ -222,20 +227,55 @@ def run_world(n: int, cfg: dict, worker=None) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 layers of width 256, vocab 4096")
-    ap.add_argument("--world-sizes", default="1,2,4")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
-    ap.add_argument("--no-adamw", action="store_true", help="skip the embedding-sized AdamW rows")
-    ap.add_argument("--out", default="reports")
-    args = ap.parse_args(argv)
-    cfg = (dict(n_layer=2, d=256, vocab=4096, steps=args.steps or 3) if args.quick
+def world_sizes(text: str) -> list[int]:
+    """argparse type: comma-separated rank counts, each ≥ 1."""
+    try:
+        sizes = [int(n) for n in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give rank counts ≥ 1 separated by commas, e.g. 1,2,4")
+    return sizes
+
+
+def scaling_figure(rows: list[dict], label: str, what: str):
+    """Step time against the number of ranks, one line per `label` value (bars: none; medians)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    for name in dict.fromkeys(label(r) for r in rows):
+        pts = sorted((r["world_size"], r["step_s"]) for r in rows if label(r) == name)
+        ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", label=name)
+    ax.set_xlabel("ranks (gloo, one thread each)")
+    ax.set_ylabel("median step s (slowest rank)")
+    ax.set_xticks(sorted({r["world_size"] for r in rows}))
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(what)
+    return fig
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 layers of width 128, vocab 2048, N = 1, 2")
+    p.add_argument("--world-sizes", type=world_sizes, default=None, help="default 1,2,4 (1,2 with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per measurement")
+    p.add_argument("--no-adamw", action="store_true", help="skip the embedding-sized AdamW rows")
+    p.add_argument("--out", type=Path, default=Path("reports/distributed"), help="results folder")
+    return p
+
+
+def measure(args) -> Suite:
+    cfg = (dict(n_layer=2, d=128, vocab=2048, steps=args.steps or 3) if args.quick
            else dict(n_layer=12, d=768, vocab=32768, steps=args.steps or 2))
     if args.no_adamw:
         cfg["vocab"] = 0
     rows = []
-    for n in map(int, args.world_sizes.split(",")):
+    for n in args.world_sizes or ([1, 2] if args.quick else [1, 2, 4]):
         t = time.perf_counter()
         rows += run_world(n, cfg)
         print(f"world size {n}: {time.perf_counter() - t:.1f} s", flush=True)
@@ -250,7 +290,6 @@ def main(argv=None) -> None:
                ("wire_MB_per_rank", "loopback MB/rank"),
                ("work_per_rank", "work/rank"), ("theory_work_per_rank", "theory work/rank"),
                ("owner_balance", "NS balance (max/mean)"), ("count_split_balance", "count split balance")]
-    name = "distributed_quick" if args.quick else "distributed"
     size = f"{cfg['n_layer']} layers, d={cfg['d']}, vocab {cfg['vocab']}"
     notes = (f"Model: {size}; fp32 parameters and gradients, ns_dtype=float32, "
              f"{cfg['steps']} timed steps (median; slowest rank) after one warm-up, gloo on one "
@@ -265,10 +304,16 @@ def main(argv=None) -> None:
              "(step s = time per collective) — gloo's reduce_scatter_tensor puts ~2x the "
              "ring-model bytes on the wire (as much as an all_reduce), so on gloo the sharded "
              "step moves ~1.5x the naive step's bytes; NCCL's ring reduce_scatter does not.")
-    paths = write_report(Path(args.out), name, "Sharded optimizers vs naive data parallel (CPU, gloo)",
-                         rows, columns, notes)
-    print(open(paths["md"]).read())
+    table = Table("steps", "Sharded optimizers vs naive data parallel (CPU, gloo)", columns, rows,
+                  key=("optimizer", "scheme", "world_size"), metric="step_s")
+    fig = scaling_figure([r for r in rows if r["optimizer"] != "gloo"], lambda r: f"{r['optimizer']} {r['scheme']}",
+                         f"Step time vs ranks ({size})")
+    return Suite("distributed", [table], notes, {"scaling": fig})
+
+
+def main(argv=None) -> int:
+    return cli_main(parser(), measure, argv, title="Sharded optimizers vs naive data parallel (CPU, gloo)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

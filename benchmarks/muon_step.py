@@ -20,7 +20,7 @@ direction each implementation's orthogonalization gives for one 768×3072 matrix
 and ill-conditioned U·diag(logspace(0, −6))·Vᵀ (benchmarks.orthogonalize.inputs). "goal met":
 speed-up ≥ 1.3 and polar error ≤ NS5's (torch_impl newton_schulz, same dtype) on both inputs.
 
-    python -m benchmarks.muon_step --quick        # 1 layer, 3 rounds, ~1.5 min on 2 cores
+    python -m benchmarks.muon_step --quick        # 1 layer of width 256, 3 rounds (seconds)
     python -m benchmarks.muon_step                # 4 layers (24 matrices), 5 rounds
     python -m benchmarks.muon_step --layers 12    # the full d12 (memory: ~1 GB per implementation)
     python -m benchmarks.muon_step --ns-dtype float32 bfloat16   # ours in bf16 too (fast only with AVX512-BF16)
@@ -45,7 +45,8 @@ import torch_impl.muon as TM
 from benchmarks import outside
 from benchmarks.optimizer_step import matrix_shapes, torch_params
 from benchmarks.orthogonalize import inputs
-from benchmarks.report import interleaved_times, write_report
+from benchmarks.report import interleaved_times, positive_int
+from benchmarks.results import Suite, Table, cli_main
 from torch_impl.optim import Muon
 from torch_impl.orthogonalize import NS5_COEFFS, exact_polar
 
@@ -134,29 +135,33 @@ COLUMNS = [("implementation", "implementation"), ("kind", "kind"), ("ms", "media
            ("polar_ill", "polar err (ill-cond)"), ("goal", f"≥{GOAL}× and ≤ NS5 error")]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 layer, 3 rounds")
-    p.add_argument("--layers", type=int, default=None, help="blocks of 6 matrices (default 4; 1 with --quick)")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.muon_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 layer of width 256, 3 rounds")
+    p.add_argument("--layers", type=positive_int, default=None, help="blocks of 6 matrices (default 4; 1 with --quick)")
+    p.add_argument("--width", type=positive_int, default=None, help=f"model width (default {WIDTH}; 256 with --quick)")
     p.add_argument("--methods", nargs="+", default=list(TM.ORTHOGONALIZERS), choices=list(TM.ORTHOGONALIZERS))
     p.add_argument("--ns-dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
                    help="ours' NS compute dtype(s)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; 3 with --quick)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds (default 5; 3 with --quick)")
     p.add_argument("--compile", action="store_true", help="also Muon(compile=True) and nanochat compiled")
     p.add_argument("--torch-optim", choices=("auto", "on", "off"), default="auto",
                    help="include torch.optim.Muon (bf16 NS inside); auto: where bf16 GEMM is native")
-    p.add_argument("--out", type=Path, default=Path("reports"))
-    args = p.parse_args(argv)
-    args.layers = args.layers or (1 if args.quick else 4)
+    p.add_argument("--out", type=Path, default=Path("reports/muon_step"), help="results folder")
+    return p
+
+
+def measure(args) -> Suite:
+    layers = args.layers or (1 if args.quick else 4)
+    width = args.width or (256 if args.quick else WIDTH)
     args.repeats = args.repeats or (3 if args.quick else 5)
-    if args.layers < 1 or args.repeats < 1:
-        p.error("need --layers ≥ 1 and --repeats ≥ 1")
     args.torch_optim = args.torch_optim == "on" or (args.torch_optim == "auto" and outside.bf16_gemm_native())
     jax.config.update("jax_default_matmul_precision", "highest")
     nanochat, why = outside.load_nanochat()
     print(f"nanochat: {why}", flush=True)
-    shapes = matrix_shapes(args.layers, WIDTH)
-    G = {kind: (X, exact_polar(torch.from_numpy(X)).numpy()) for kind, X in inputs((WIDTH, 4 * WIDTH)).items()}
+    shapes = matrix_shapes(layers, width)
+    G = {kind: (X, exact_polar(torch.from_numpy(X)).numpy()) for kind, X in inputs((width, 4 * width)).items()}
     todo = {case.label: case for case in cases(args, shapes, nanochat)}
     quality = {}
     for label, case in todo.items():
@@ -186,17 +191,42 @@ def main(argv=None) -> int:
             "(always on in that version) and NorMuon; its polar error is of Muon+(PE(MuonEq(G))), NorMuon held "
             "neutral" + (", and compiled (cold compile in the warm-up)" if args.compile else "")
             if nanochat else f"skipped ({why})")
-    notes = (f"Parameter set: {args.layers} layer(s) of d12 (width {WIDTH}): {len(shapes)} matrices. Ours: NS in "
+    notes = (f"Parameter set: {layers} layer(s) of width {width}: {len(shapes)} matrices. Ours: NS in "
              f"{', '.join(args.ns_dtype)} (goal: polar error vs NS5 in the same dtype). Median of {args.repeats} "
              f"interleaved rounds after one untimed warm-up step each; torch threads {torch.get_num_threads()}. "
              f"Fastest outside implementation: {fastest}; fastest fp32 outside: {fastest32}. "
              f"torch.optim.Muon: {torch_optim}. nanochat: {nano}. The NorMuon row's polar error is of "
              "Muon+(PE(MuonEq(G))) (NorMuon comes after orth). Polar errors on one "
-             f"{WIDTH}×{4 * WIDTH} matrix; ill-cond = U·diag(logspace(0, −6))·Vᵀ.")
-    paths = write_report(args.out, "muon_step", "Muon step over d12 matrices: orthogonalizers vs outside "
-                         "implementations", rows, COLUMNS, notes)
-    print("wrote " + ", ".join(str(v) for v in paths.values()))
-    return 0
+             f"{width}×{4 * width} matrix; ill-cond = U·diag(logspace(0, −6))·Vᵀ.")
+    table = Table("step", f"Muon step over {layers} layer(s) of width {width}: orthogonalizers vs outside "
+                  "implementations", COLUMNS, rows, key=("implementation",), metric="ms")
+    return Suite("muon_step", [table], notes, {"time_vs_quality": figure(rows)})
+
+
+def figure(rows: list[dict]):
+    """Median step time against the polar error (Gaussian input) of each implementation: the
+    speed / quality trade-off in one picture (lower left is better)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for r in rows:
+        marker = {"ours": "o", "outside": "s", "reference": "^"}[r["kind"]]
+        ax.errorbar(r["polar_gaussian"], r["ms"], yerr=[[r["ms"] - r["min_ms"]], [r["max_ms"] - r["ms"]]],
+                    marker=marker, capsize=2, label=r["implementation"])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("polar error of the direction (Gaussian input; lower is better)")
+    ax.set_ylabel("median ms per step (bars: min–max)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="best")
+    ax.set_title("Muon step: time vs orthogonalization quality (circles ours, squares outside)")
+    return fig
+
+
+def main(argv=None) -> int:
+    return cli_main(parser(), measure, argv, title="Muon step: orthogonalizers vs outside implementations")
 
 
 if __name__ == "__main__":

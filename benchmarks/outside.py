@@ -138,7 +138,7 @@ def nanochat_fused_step(module, G: torch.Tensor, lr: float = 0.02):
     X = G.reshape(-1, *G.shape[-2:]).clone()
     B, m, n = X.shape
     params, momentum = torch.zeros_like(X), torch.zeros_like(X)
-    second = torch.zeros((B, m, 1) if m >= n else (B, 1, n), dtype=X.dtype)
+    second = torch.zeros((B, m, 1) if m >= n else (B, 1, n), dtype=X.dtype, device=X.device)
     t = lambda v: torch.tensor(v, dtype=torch.float32)
     args = (t(0.95), t(lr), t(0.0), t(0.95), 5, -1 if m >= n else -2)
     return lambda: module.muon_step_fused(X, params, momentum, second, *args)
@@ -153,7 +153,7 @@ def nanochat_orthogonalize(module, G: torch.Tensor) -> torch.Tensor:
     X = G.reshape(-1, *G.shape[-2:]).float().clone()
     B, m, n = X.shape
     params, momentum = torch.zeros_like(X), torch.zeros_like(X)
-    second = torch.ones((B, m, 1) if m >= n else (B, 1, n))
+    second = torch.ones((B, m, 1) if m >= n else (B, 1, n), device=X.device)
     t = lambda v: torch.tensor(v, dtype=torch.float32)
     module.muon_step_fused(X, params, momentum, second, t(0.0), t(1.0), t(0.0), t(1.0), 5, -1 if m >= n else -2)
     return (-params).reshape(G.shape)

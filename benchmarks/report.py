@@ -1,15 +1,17 @@
-"""Benchmark reports: one JSON (the data), one Markdown table and optional PNG per suite.
+"""What every suite shares: the machine description, interleaved timing, blocking on async work,
+atomic file writes and argument types. The results folder itself is benchmarks/results.py.
 
 Files are written to a temporary name and renamed, so an interrupted run never leaves a
 half-written report behind."""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +50,7 @@ def machine_info() -> dict:
                 cpu_flags=" ".join(flags) or None, threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                git_commit=git_commit(),
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), git_commit=git_commit(),
                 load_average=" ".join(f"{x:.2f}" for x in os.getloadavg()))  # 1, 5, 15 min: other work here?
     try:
         import jax
@@ -72,48 +74,6 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """columns: (key, header) pairs; floats formatted to 3 significant digits (whole numbers from 1000 up
-    to 10⁷, so times in ms stay readable)."""
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.0f}" if 1e3 <= abs(v) < 1e7 else f"{v:.3g}"
-        return "" if v is None else str(v)
-    head = "| " + " | ".join(h for _, h in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
-
-
-def write_report(out_dir: Path, name: str, title: str, rows: list[dict],
-                 columns: list[tuple[str, str]], notes: str = "", figure=None,
-                 tables: list[tuple[str, list[dict], list[tuple[str, str]]]] = ()) -> dict[str, Path]:
-    """Write <name>.json, <name>.md and (if `figure`, a matplotlib Figure) <name>.png.
-    `tables`: further (heading, rows, columns) tables, after the first under their own heading
-    (their rows in the JSON under "tables")."""
-    out_dir = Path(out_dir)
-    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
-    meta = machine_info()
-    data = dict(title=title, machine=meta, rows=rows)
-    if tables:
-        data["tables"] = {heading: t_rows for heading, t_rows, _ in tables}
-    atomic_write(paths["json"], json.dumps(data, indent=2))
-    md = [f"# {title}", "", markdown_table(rows, columns), ""]
-    for heading, t_rows, t_columns in tables:
-        md += [f"## {heading}", "", markdown_table(t_rows, t_columns), ""]
-    if notes:
-        md += [notes, ""]
-    md += ["Machine: " + ", ".join(f"{k}={v}" for k, v in meta.items() if v is not None), ""]
-    atomic_write(paths["md"], "\n".join(md))
-    if figure is not None:
-        import io
-        buf = io.BytesIO()
-        figure.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        paths["png"] = out_dir / f"{name}.png"
-        atomic_write(paths["png"], buf.getvalue())
-    return paths
-
-
 def interleaved_times(fns: dict[str, object], repeats: int, warmup: int = 1,
                       progress=None) -> dict[str, dict[str, float]]:
     """Wall time of each fn() (which must block until its result is ready), interleaved: `warmup`
@@ -135,13 +95,48 @@ def interleaved_times(fns: dict[str, object], repeats: int, warmup: int = 1,
             for name, ts in times.items()}
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds; fn must block until its result is ready."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (the error names the value)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {v}")
+    return v
+
+
+def resolve_device(name: str) -> str:
+    """"auto" → "cuda" where a GPU is visible, else "cpu"; "cuda" without one raises (a clear message)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceMissing("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False)")
+    return name
+
+
+class DeviceMissing(RuntimeError):
+    """The requested device is not on this machine: the suite is skipped, not failed."""
+
+
+def block(x):
+    """Wait until x (a torch tensor, a JAX array, a pytree of them, or None) is computed: timed calls
+    must include the work, not just its launch (CUDA kernels and XLA dispatch are asynchronous)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    if x is not None and not isinstance(x, torch.Tensor) and "jax" in sys.modules:
+        sys.modules["jax"].block_until_ready(x)
+    return x
+
+
+def jax_on(choice: str, device: str) -> tuple[bool, str]:
+    """Whether a suite times JAX next to torch on `device`: "on"/"off" as asked; "auto" only where JAX's
+    backend is the same kind of device (a CPU-only jaxlib beside a GPU is no comparison, and its large
+    shapes would take minutes). Returns (on, the sentence the report says about it)."""
+    try:
+        import jax
+        backend = jax.default_backend()
+    except ImportError as e:
+        return False, f"JAX not installed ({e}): JAX rows skipped"
+    on = choice == "on" or (choice == "auto" and (backend == "gpu") == (device == "cuda"))
+    return on, f"JAX on {backend}" + ("" if on else f": JAX rows skipped (torch on {device}; --jax on to force)")

@@ -29,7 +29,7 @@ matrices it does not own, 2·(N−1)/N² of M per rank on average), and the kern
 transmit bytes over all ranks / N, which include FSDP's own gathers and reduce_scatters.
 
     python -m benchmarks.sharding            # depth 4, width 256 (a few minutes on 2 cores)
-    python -m benchmarks.sharding --quick    # depth 2, width 128 (~1 minute)
+    python -m benchmarks.sharding --quick    # depth 2, width 128, N = 1, 2 (seconds)
 
 CPU and gloo only here (the machines of this project have no GPU for it); N = 4 on 2 cores
 time-shares the cores, so step time measures total work more than speed-up.
@@ -41,14 +41,16 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.distributed import join_group, run_world, timed
-from benchmarks.report import write_report
+from benchmarks.distributed import join_group, run_world, scaling_figure, timed, world_sizes
+from benchmarks.report import positive_int
+from benchmarks.results import Suite, Table, cli_main
 
 SCHEMES = ("zero2_step", "zero2_backward", "fsdp", "fsdp_torch_muon")
 
@@ -92,7 +94,7 @@ def padded_bytes(part, n: int) -> int:
     return total
 
 
-def measure(scheme: str, base, mesh, n: int, rank: int, cfg: dict) -> tuple[dict, list]:
+def measure_scheme(scheme: str, base, mesh, n: int, rank: int, cfg: dict) -> tuple[dict, list]:
     """One scheme on this rank: its median step time, bytes and held memory."""
     from torch_impl.distributed import DTensorTraffic
     from torch_impl.optim import hybrid, label_param
@@ -163,7 +165,7 @@ def _worker(rank, n, port, cfg, results):
     mesh = init_device_mesh("cpu", (n,)) if n > 1 else None
     rows = []
     for scheme in SCHEMES:
-        mine, named = measure(scheme, base, mesh, n, rank, cfg)
+        mine, named = measure_scheme(scheme, base, mesh, n, rank, cfg)
         every = [None] * n
         dist.all_gather_object(every, mine)
         if rank == 0:
@@ -193,17 +195,45 @@ def _worker(rank, n, port, cfg, results):
     dist.destroy_process_group()
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="depth 2, width 128")
-    ap.add_argument("--world-sizes", default="1,2,4")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per scheme")
-    ap.add_argument("--out", default="reports")
-    args = ap.parse_args(argv)
+def memory_figure(rows: list[dict]):
+    """Per-rank bytes held (parameters, gradients after backward, optimizer state), measured (bars)
+    against the theory (black ticks), for each scheme and rank count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = (("params_MB", "theory_params_MB", "parameters"), ("grads_MB", "theory_grads_MB", "gradients"),
+             ("state_MB", "theory_state_MB", "optimizer state"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True, sharey=True)
+    labels = [f"{r['scheme']}\nN={r['world_size']}" for r in rows]
+    for ax, (got, theory, what) in zip(axes, parts):
+        xs = range(len(rows))
+        ax.bar(xs, [r[got] for r in rows], color=[f"C{SCHEMES.index(r['scheme'])}" for r in rows])
+        ax.scatter(xs, [r[theory] for r in rows], marker="_", s=300, color="k", zorder=3, label="theory")
+        ax.set_xticks(list(xs), labels, rotation=90, fontsize=7)
+        ax.set_title(f"{what} per rank")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("MB (largest rank)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Memory per rank: measured (bars) vs theory (ticks)")
+    return fig
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sharding", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="depth 2, width 128, N = 1, 2")
+    p.add_argument("--world-sizes", type=world_sizes, default=None, help="default 1,2,4 (1,2 with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per scheme")
+    p.add_argument("--out", type=Path, default=Path("reports/sharding"), help="results folder")
+    return p
+
+
+def measure(args) -> Suite:
     cfg = (dict(depth=2, d=128, vocab=2048, seq=64, batch=4, steps=args.steps or 3) if args.quick
            else dict(depth=4, d=256, vocab=8192, seq=128, batch=4, steps=args.steps or 3))
     rows = []
-    for n in map(int, args.world_sizes.split(",")):
+    for n in args.world_sizes or ([1, 2] if args.quick else [1, 2, 4]):
         t = time.perf_counter()
         rows += run_world(n, cfg, _worker)
         print(f"world size {n}: {time.perf_counter() - t:.1f} s", flush=True)
@@ -223,11 +253,16 @@ def main(argv=None) -> None:
              "'optimizer sent': the optimizers' ring-model counters (and DTensorTraffic for torch.optim.Muon), "
              "mean over ranks; 'loopback': the kernel's lo transmit bytes over all ranks / N, everything "
              "included (FSDP's own all_gathers and reduce_scatters, TCP framing).")
-    name = "sharding_quick" if args.quick else "sharding"
-    paths = write_report(Path(args.out), name, "ZeRO-2 vs FSDP2 vs torch.optim.Muon on DTensors (CPU, gloo)",
-                         rows, columns, notes)
-    print(open(paths["md"]).read())
+    table = Table("schemes", "ZeRO-2 vs FSDP2 vs torch.optim.Muon on DTensors (CPU, gloo)", columns, rows,
+                  key=("scheme", "world_size"), metric="step_s")
+    figures = {"memory": memory_figure(rows),
+               "scaling": scaling_figure(rows, lambda r: r["scheme"], f"Training step time vs ranks ({size})")}
+    return Suite("sharding", [table], notes, figures)
+
+
+def main(argv=None) -> int:
+    return cli_main(parser(), measure, argv, title="ZeRO-2 vs FSDP2 vs torch.optim.Muon on DTensors (CPU, gloo)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

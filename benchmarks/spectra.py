@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import write_report
+from benchmarks.report import positive_int
+from benchmarks.results import Suite, Table, cli_main
 from torch_impl.corpus import load_corpus
 from torch_impl.gpt import GPT, GPTConfig
 from torch_impl.muon import NS_EPS, ORTHOGONALIZERS, default_steps
@@ -79,25 +80,26 @@ def collect(depth: int, steps: int, param: str, seed: int = 0) -> dict[str, torc
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.spectra", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="depth 2, 8 steps")
-    parser.add_argument("--depth", type=int, default=None, help="GPT depth (width 64·depth; default 4, quick 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps first (default 40, quick 8)")
-    parser.add_argument("--param", default="transformer.h.0.mlp.c_fc.weight", help="the block matrix to look at")
-    parser.add_argument("--out", type=Path, default=Path("reports"))
-    args = parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.spectra", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="depth 2, 8 steps")
+    p.add_argument("--depth", type=positive_int, default=None, help="GPT depth (width 64·depth; default 4, quick 2)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps first (default 40, quick 8)")
+    p.add_argument("--param", default="transformer.h.0.mlp.c_fc.weight", help="the block matrix to look at")
+    p.add_argument("--out", type=Path, default=Path("reports/spectra"), help="results folder")
+    return p
+
+
+def measure(args) -> Suite:
     depth = args.depth or (2 if args.quick else 4)
-    steps = args.steps if args.steps is not None else (8 if args.quick else 40)
-    if depth < 1 or steps < 1:
-        parser.error("--depth and --steps must be >= 1")
+    steps = args.steps or (8 if args.quick else 40)
     try:
         mats = collect(depth, steps, args.param)
     except KeyError:
-        parser.error(f"--param {args.param!r}: no such parameter in a depth-{depth} GPT")
+        raise ValueError(f"--param {args.param!r}: no such parameter in a depth-{depth} GPT") from None
     spectra = {k: torch.linalg.svdvals(v.double()).numpy() for k, v in mats.items()}
-    rows = [dict(update=k, sigma_max=float(s[0]), sigma_min=float(s[-1]), ratio=float(s[-1] / s[0]),
-                 sigma_min_over_max=f"{s[-1] / s[0]:.3g}", band=f"{s[-1]:.3g}–{s[0]:.3g}")
+    rows = [dict(update=k, sigma_max=float(s[0]), sigma_min=float(s[-1]), ratio=float(s[-1] / s[0]))
             for k, s in spectra.items()]
 
     import matplotlib
@@ -117,15 +119,17 @@ def main(argv=None) -> int:
     ax.legend(fontsize=8)
     notes = (f"GPT depth {depth} (width {64 * depth}), {steps} hybrid steps on the stdlib corpus, byte tokens, "
              f"batch 8×128; matrix {args.param} {shape}; orthogonalizers in fp32 at their default step counts "
-             "on the Nesterov momentum U. Spectra in spectra.json (rows) and spectra.png.")
-    paths = write_report(args.out, "spectra", "Update spectra of one weight matrix", rows,
-                         [("update", "update"), ("band", "σ min–max"), ("sigma_min_over_max", "σ_min/σ_max")],
-                         notes, figure=fig)
-    plt.close(fig)
+             "on the Nesterov momentum U.")
     for row in rows:
-        print(f"{row['update']:<24} σ {row['band']:>18}   σ_min/σ_max {row['sigma_min_over_max']}")
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
+        print(f"{row['update']:<24} σ {row['sigma_min']:.3g}–{row['sigma_max']:.3g}   σ_min/σ_max {row['ratio']:.3g}")
+    table = Table("spectra", "Update spectra of one weight matrix", [
+        ("update", "update"), ("sigma_min", "σ min"), ("sigma_max", "σ max"), ("ratio", "σ_min/σ_max")],
+        rows, key=("update",), metric="ratio", lower_is_better=False)
+    return Suite("spectra", [table], notes, {"spectra": fig})
+
+
+def main(argv=None) -> int:
+    return cli_main(parser(), measure, argv, title="Update spectra of one weight matrix")
 
 
 if __name__ == "__main__":
