@@ -6,7 +6,8 @@ compared as ratio = new / old. With threshold t (default 0.10):
     lower is better:  ratio > 1 + t → "regression",   ratio < 1 / (1 + t) → "improvement"
     higher is better: ratio < 1 / (1 + t) → "regression", ratio > 1 + t → "improvement"
 
-anything between is "same"; rows in only one run are "new" / "gone". A t of 0.10 is above the
+anything between is "same"; rows in only one run are "new" / "gone"; rows of a suite run with other
+settings (its `config`: sizes, device, compile, ...) are "settings differ". A t of 0.10 is above the
 run-to-run spread of the interleaved medians on these shared 2-core machines (measured 3–8% for
 the same commit) and below the effects worth knowing about; use a larger t for runs on different
 days or machines (the report warns when CPU model, GPU or thread count differ).
@@ -49,6 +50,9 @@ def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD, against:
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     before, after = _rows(old), _rows(new)
+    configs = [{s["name"]: s.get("config") for s in run["suites"]} for run in (old, new)]
+    settings = {name: _diff(configs[0][name], configs[1][name]) for name in configs[0].keys() & configs[1].keys()
+                if configs[0][name] != configs[1][name]}
     rows = []
     for ident in list(after) + [i for i in before if i not in after]:
         suite, table, key = ident
@@ -62,7 +66,9 @@ def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD, against:
             o, n = _number(before[ident][1].get(t["metric"])), _number(row.get(t["metric"]))
             ratio = n / o if o and n is not None else None
             verdict = "not comparable"
-            if ratio is not None:
+            if suite in settings:  # a quick run against a full one, cpu against cuda: not the same row
+                verdict = "settings differ"
+            elif ratio is not None:
                 worse = ratio > 1 + threshold if t["lower_is_better"] else ratio < 1 / (1 + threshold)
                 better = ratio < 1 / (1 + threshold) if t["lower_is_better"] else ratio > 1 + threshold
                 verdict = "regression" if worse else "improvement" if better else "same"
@@ -71,7 +77,14 @@ def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD, against:
     om, nm = old.get("machine", {}), new.get("machine", {})
     differs = [f"{k}: {om.get(k)} → {nm.get(k)}" for k in MACHINE_KEYS if om.get(k) != nm.get(k)]
     return dict(against=against, threshold=threshold, old_commit=om.get("git_commit"), new_commit=nm.get("git_commit"),
-                machine_differs=differs, rows=rows)
+                machine_differs=differs, settings_differ=settings, rows=rows)
+
+
+def _diff(old, new) -> str:
+    """The settings that differ between two suite configs, as "key: old → new; ..."."""
+    old, new = old or {}, new or {}
+    return "; ".join(f"{k}: {old.get(k)} → {new.get(k)}" for k in sorted(old.keys() | new.keys())
+                     if old.get(k) != new.get(k))
 
 
 def compare_markdown(c: dict) -> str:
@@ -80,6 +93,8 @@ def compare_markdown(c: dict) -> str:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
     md = [f"## Compared with {c['against'] or 'the old run'} (commit {c['old_commit']} → {c['new_commit']})", "",
           f"Threshold ±{100 * c['threshold']:.0f}%: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), ""]
+    for suite, what in c.get("settings_differ", {}).items():
+        md += [f"**{suite}: run with other settings** ({what}): its rows are not compared.", ""]
     if c["machine_differs"]:
         md += ["**Different machine or versions** (differences may be the machine's): "
                + "; ".join(c["machine_differs"]), ""]

@@ -308,7 +308,7 @@ def measure(args) -> Suite:
                   key=("optimizer", "scheme", "world_size"), metric="step_s")
     fig = scaling_figure([r for r in rows if r["optimizer"] != "gloo"], lambda r: f"{r['optimizer']} {r['scheme']}",
                          f"Step time vs ranks ({size})")
-    return Suite("distributed", [table], notes, {"scaling": fig})
+    return Suite("distributed", [table], notes, {"scaling": fig}, config=cfg)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ WARMUP_STEPS = 10
 
 
 def ns_rows(out: Path) -> list[dict]:
-    data = json.loads((out / "bench" / "results.json").read_text())
+    data = json.loads((out / "orthogonalize" / "results.json").read_text())
     speed = next(t["rows"] for s in data["suites"] if s["name"] == "orthogonalize" for t in s["tables"]
                  if t["name"] == "speed")
     return [r for r in speed if r["method"] == "newton_schulz" and r["implementation"] == "torch eager"

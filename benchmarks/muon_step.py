@@ -156,7 +156,7 @@ def measure(args) -> Suite:
     layers = args.layers or (1 if args.quick else 4)
     width = args.width or (256 if args.quick else WIDTH)
     args.repeats = args.repeats or (3 if args.quick else 5)
-    args.torch_optim = args.torch_optim == "on" or (args.torch_optim == "auto" and outside.bf16_gemm_native())
+    args.torch_optim = args.torch_optim == "on" or (args.torch_optim == "auto" and outside.bf16_gemm_native("cpu"))
     jax.config.update("jax_default_matmul_precision", "highest")
     nanochat, why = outside.load_nanochat()
     print(f"nanochat: {why}", flush=True)
@@ -200,7 +200,9 @@ def measure(args) -> Suite:
              f"{width}×{4 * width} matrix; ill-cond = U·diag(logspace(0, −6))·Vᵀ.")
     table = Table("step", f"Muon step over {layers} layer(s) of width {width}: orthogonalizers vs outside "
                   "implementations", COLUMNS, rows, key=("implementation",), metric="ms")
-    return Suite("muon_step", [table], notes, {"time_vs_quality": figure(rows)})
+    config = dict(layers=layers, width=width, ns_dtype=args.ns_dtype, compile=args.compile, repeats=args.repeats,
+                  torch_optim=args.torch_optim, nanochat=nanochat is not None)
+    return Suite("muon_step", [table], notes, {"time_vs_quality": figure(rows)}, config=config)
 
 
 def figure(rows: list[dict]):

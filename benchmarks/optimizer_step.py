@@ -5,10 +5,10 @@ d12 (768 wide, 12 layers) and d20 (1280 wide, 20 layers); --quick uses depth 2, 
 vocab 4096. The parameter shapes and their split come from the model itself (torch_impl.gpt on
 the meta device, optim.label_param). Families, each timed interleaved (report.interleaved_times):
 
-- Muon (the block matrices): ours (torch_impl.optim.Muon, stacked, batched NS) vs
+- Muon (the block matrices): ours (torch_impl.optim.Muon, stacked, batched NS) vs "torch.optim" =
   torch.optim.Muon (a per-parameter loop) vs optax.contrib.muon and jax_reference.muon (jit);
-- AdamW (embedding, lm_head, scalars): ours vs torch.optim.AdamW (foreach; fused) vs optax.adamw
-  and jax_reference.adamw (jit);
+- AdamW (embedding, lm_head, scalars): ours vs "torch.optim" = torch.optim.AdamW(foreach=True) and
+  "torch.optim, AdamW fused" = torch.optim.AdamW(fused=True) vs optax.adamw and jax_reference.adamw (jit);
 - hybrid (all of them, nanochat's split and lrs): ours (optim.hybrid) vs torch.optim.Muon +
   torch.optim.AdamW (foreach; fused) vs jax_reference.optim.hybrid (jit).
 
@@ -45,7 +45,7 @@ from torch_impl.optim import AdamW, Muon, hybrid, label_param
 
 SETS = {"d12": (12, 768, 32768), "d20": (20, 1280, 32768), "quick": (2, 128, 4096)}  # depth, width, vocab
 FAMILIES = ("Muon", "AdamW", "hybrid")
-IMPLS = ("ours (torch_impl)", "torch.optim foreach", "torch.optim fused", "optax (jit)", "jax_reference (jit)")
+IMPLS = ("ours (torch_impl)", "torch.optim", "torch.optim, AdamW fused", "optax (jit)", "jax_reference (jit)")
 MATRIX_LR, ADAM_LR = 0.02, 0.004
 
 
@@ -184,7 +184,7 @@ def measure(args) -> Suite:
     device = resolve_device(args.device)
     sets = args.sets or (["quick"] if args.quick else ["d12", "d20"] if device == "cuda" else ["d12"])
     repeats = args.repeats or (3 if args.quick else 5)
-    native = outside.bf16_gemm_native()
+    native = outside.bf16_gemm_native(device)
     ns_dtype = args.ns_dtype if args.ns_dtype != "auto" else "bfloat16" if native else "float32"
     jax.config.update("jax_default_matmul_precision", "highest")
     with_jax, jax_note = jax_on(args.jax, device)
@@ -223,7 +223,8 @@ def measure(args) -> Suite:
              f"{repeats} interleaved rounds after one untimed warm-up step each (jit compile excluded); torch threads "
              f"{torch.get_num_threads()}. Sets (depth, width, vocab): "
              + ", ".join(f"{s} {SETS[s]}" for s in sets) + ".")
-    return Suite("optimizer", tables, notes, {"time": figure(rows)})
+    config = dict(device=device, ns_dtype=ns_dtype, repeats=repeats, jax=with_jax, torch_optim=native)
+    return Suite("optimizer", tables, notes, {"time": figure(rows)}, config=config)
 
 
 def main(argv=None) -> int:

@@ -33,9 +33,9 @@ from torch_impl.schedules import SCHEDULES
 NANOCHAT_ENV = "NANOCHAT_OPTIM"
 
 
-def bf16_gemm_native() -> bool:
-    """Whether bf16 matmuls run natively here (CUDA, or a CPU with AVX512-BF16 / AMX-BF16)."""
-    if torch.cuda.is_available():
+def bf16_gemm_native(device: str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively on `device` ("cuda", or a CPU with AVX512-BF16 / AMX-BF16)."""
+    if device == "cuda":
         return True
     try:
         flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))

@@ -33,12 +33,14 @@ def cpu_description() -> tuple[str | None, list[str]]:
 
 
 def git_commit() -> str | None:
-    """HEAD of the repository this file is in, "+dirty" when the work tree has changes."""
+    """HEAD of the repository this file is in, "+dirty" when tracked files have changes."""
     root = Path(__file__).resolve().parent.parent
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)
         head = run("rev-parse", "HEAD").stdout.strip()
-        return (head + ("+dirty" if run("status", "--porcelain").stdout.strip() else "")) or None
+        # untracked files (a results folder being written) do not make the measured code dirty
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

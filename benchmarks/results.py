@@ -21,6 +21,9 @@ results.json, schema "benchmarks/results/v1":
           "reason": null | "why skipped or failed (one line)",
           "seconds": 12.3,                 # wall time of the suite
           "notes": "suite-specific methodology and caveats",
+          "config": {"device": "cpu", ...},  # the settings its rows depend on beyond their key columns
+                                           # (sizes, device, compile, ...): --compare only compares
+                                           # a suite's rows between runs of equal config
           "plots": ["orthogonalize_time_vs_shape.png", ...],   # relative to the folder
           "tables": [
             {
@@ -99,14 +102,16 @@ class Suite:
     status: str = "ok"
     reason: str | None = None
     seconds: float | None = None
+    config: dict = field(default_factory=dict)  # the settings the rows depend on beyond their key columns
 
 
 def fmt(v) -> str:
-    """Floats to 3 significant digits (whole numbers from 1000 up to 10⁷, so ms stay readable)."""
+    """Floats to 4 significant digits (whole numbers from 1000 up to 10⁷, so ms stay readable): a val
+    bpb of 3.913 against 3.916 must not print as 3.91 twice. results.json keeps every digit."""
     if isinstance(v, bool) or v is None:
         return "" if v is None else ("yes" if v else "no")
     if isinstance(v, float):
-        return f"{v:.0f}" if 1e3 <= abs(v) < 1e7 else f"{v:.3g}"
+        return f"{v:.0f}" if 1e3 <= abs(v) < 1e7 else f"{v:.4g}"
     return str(v)
 
 
@@ -172,15 +177,19 @@ def write_folder(out: Path, suites: list[Suite], argv: list[str], quick: bool, t
             path = f"{s.name}_{name}.png"
             atomic_write(out / path, figure_png(fig))
             plots.append(path)
+        # a figure of an earlier run into this folder that this run did not draw would sit there unlisted
+        for old in out.glob(f"{s.name}_*.png"):
+            if old.name not in plots:
+                old.unlink()
         suite_data.append(dict(name=s.name, status=s.status, reason=s.reason, seconds=s.seconds, notes=s.notes,
-                               plots=plots, tables=[t.to_json() for t in s.tables]))
+                               config=s.config, plots=plots, tables=[t.to_json() for t in s.tables]))
     data = dict(schema=SCHEMA, created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 argv=list(argv), quick=quick, machine=machine_info(), methodology=METHODOLOGY, suites=suite_data,
                 compare=None)
     if compare_with is not None:
         from benchmarks.compare import compare  # compare.py reads results files with this module
         old, threshold, against = compare_with
-        data["compare"] = compare(old, data, threshold, against)
+        data["compare"] = compare(old, data, threshold, against)  # load_results checked old's structure
     atomic_write(out / "results.json", json.dumps(data, indent=1, allow_nan=True))
     atomic_write(out / "report.md", report_markdown(data, title))
     return data
@@ -202,9 +211,21 @@ def load_results(path: Path) -> dict:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise ResultsError(f"{path}: not a benchmark results file (schema {found!r}, expected {SCHEMA!r})")
-    if not isinstance(data.get("suites"), list) or not all(
-            isinstance(s, dict) and isinstance(s.get("tables"), list) for s in data["suites"]):
+    if not isinstance(data.get("suites"), list):
         raise ResultsError(f"{path}: 'suites' must be a list of suites with 'tables'")
+    for i, s in enumerate(data["suites"]):  # every field --compare reads, so a bad file fails here, not later
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("tables"), list)):
+            raise ResultsError(f"{path}: suites[{i}] needs a 'name' and a list of 'tables'")
+        for j, t in enumerate(s["tables"]):
+            where = f"{path}: suites[{i}] ({s['name']}) tables[{j}]"
+            if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("rows"), list)
+                    and all(isinstance(r, dict) for r in t["rows"]) and isinstance(t.get("key", []), list)
+                    and isinstance(t.get("metric"), (str, type(None)))
+                    and isinstance(t.get("lower_is_better", True), bool)):
+                raise ResultsError(f"{where}: needs 'name', 'rows' (objects), 'key' (a list), 'metric' and "
+                                   "'lower_is_better'")
+    if not isinstance(data.get("machine", {}), dict):
+        raise ResultsError(f"{path}: 'machine' must be an object")
     return data
 
 

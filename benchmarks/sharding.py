@@ -257,7 +257,7 @@ def measure(args) -> Suite:
                   key=("scheme", "world_size"), metric="step_s")
     figures = {"memory": memory_figure(rows),
                "scaling": scaling_figure(rows, lambda r: r["scheme"], f"Training step time vs ranks ({size})")}
-    return Suite("sharding", [table], notes, figures)
+    return Suite("sharding", [table], notes, figures, config=cfg)
 
 
 def main(argv=None) -> int:

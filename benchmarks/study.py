@@ -75,6 +75,12 @@ FULL = Settings(depth=6, seq_len=512, batch_size=32, steps=600, eval_every=50, e
                 max_corpus_bytes=None)
 
 
+
+def mean_or_none(values) -> float | None:
+    """The mean of the values that are not None; None if there are none."""
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
 def _fresh_dir(text: str) -> Path:
     # the trainer refuses a run directory that holds a previous run: say so before any run starts
     path = Path(text)
@@ -184,7 +190,8 @@ def measure(args: argparse.Namespace) -> Suite:
     threads = torch.get_num_threads() if threads is None else threads
     return Suite(name="study", tables=[final, curves], notes=notes(configs, s, runs, threads),
                  figures={"bpb_vs_step": figure(configs, s, runs, "step"),
-                          "bpb_vs_time": figure(configs, s, runs, "time")})
+                          "bpb_vs_time": figure(configs, s, runs, "time")},
+                 config=dict(vars(s), device=args.device, threads=threads))
 
 
 def tables(configs: list[str], s: Settings, runs: dict) -> tuple[Table, Table]:
@@ -202,7 +209,8 @@ def tables(configs: list[str], s: Settings, runs: dict) -> tuple[Table, Table]:
             best_bpb_mean=statistics.fmean(min(v["val_bpb"] for v in r["val"]) for r in mine),
             train_s=statistics.fmean(r["summary"]["total_time"] for r in mine),
             run_s=statistics.fmean(r["wall"] for r in mine),
-            tokens_per_s=statistics.fmean(r["summary"]["tokens_per_s"] for r in mine)))
+            # None after a 1-step run (the trainer times steps after the first only)
+            tokens_per_s=mean_or_none(r["summary"]["tokens_per_s"] for r in mine)))
         for seed, r in enumerate(mine):
             curve_rows += [dict(config=config, seed=seed, step=v["step"], tokens=v["step"] * tokens_per_step,
                                 val_bpb=v["val_bpb"], val_loss=v["val_loss"], train_s=v["_time"]) for v in r["val"]]

@@ -242,8 +242,12 @@ def measure(args) -> Suite:
              f"{torch.get_num_threads()} threads); {jax_note}. seq_len {seq_len}, batch "
              f"{batch}, byte vocab {VOCAB}; Muon NS5 in {ns_dtype}. Median of {repeats} interleaved rounds after one "
              f"untimed warm-up call each (compilation excluded); the torch step's min/max are the sums of its parts'. "
-             f"MFU against {peak_text}; it counts model FLOPs only, so the orthogonalizer's time is overhead.")
-    return Suite("training", tables, notes, {"step_breakdown": figure(rows)})
+             f"MFU against {peak_text}; it counts model FLOPs only, so the orthogonalizer's time is overhead. "
+             "The JAX step computes in fp32 throughout (jax_reference.gpt has no autocast; matmul precision "
+             "'highest'), so on CUDA it is not a like-for-like rival of the bf16-autocast torch step.")
+    config = dict(device=device, seq_len=seq_len, batch=batch, compile=args.compile, ns_dtype=ns_dtype,
+                  repeats=repeats, jax=args.jax)
+    return Suite("training", tables, notes, {"step_breakdown": figure(rows)}, config=config)
 
 
 def main(argv=None) -> int:

@@ -110,9 +110,10 @@ def gram_condition(triples, restart_after, s_max: float = 1.0, n: int = 801) -> 
 
 
 def equilibrate_bound(m: int, n: int, u: float = FP32_U) -> float:
-    """Worst-case relative error of each element of MuonEq's X_i·t/‖X_i‖ in precision u (m × n, fp32 by
-    default): t = √(Σ X²)/√m sums m·n positive squares, ‖X_i‖ sums n; recursive summation of k positive
-    terms is within (k − 1)·u relative (Higham, Accuracy and Stability, §4.2), halved by the square
-    root; plus ½u for each of the two square roots, u for the division and u for the product. No κ:
-    every operation acts on positive numbers, so there is no cancellation to amplify."""
-    return ((m * n - 1) / 2 + (n - 1) / 2 + 3) * u
+    """First-order bound on the relative error of each element of MuonEq's X_i·t/‖X_i‖ in precision u
+    (m × n, fp32 by default): t = √(Σ X²)/√m sums m·n positive squares, ‖X_i‖ sums n; recursive
+    summation of k positive terms is within (k − 1)·u relative (Higham, Accuracy and Stability, §4.2),
+    halved by the square root; each square adds u (½u after the root); plus ½u for each square root,
+    u each for ÷√m, the division and the product. No κ: every operation acts on positive numbers, so
+    there is no cancellation to amplify."""
+    return ((m * n - 1) / 2 + (n - 1) / 2 + 5) * u

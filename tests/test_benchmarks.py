@@ -8,6 +8,7 @@ before torch loads, which an in-process import here could not)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def run_benchmarks(*args, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
-    proc = run_benchmarks("--quick", "--out", str(out))
+    proc = run_benchmarks("--quick", "--device", "cpu", "--out", str(out))  # the same suites with or without a GPU
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, load_results(out / "results.json")
 
@@ -141,6 +142,23 @@ def test_a_suite_that_raises_is_reported_failed_and_the_others_run(tmp_path, mon
     assert suite["status"] == "failed" and suite["reason"] == "RuntimeError: planted failure"
 
 
+def test_a_suite_with_broken_imports_fails_and_a_missing_extra_skips(tmp_path, monkeypatch):
+    import benchmarks.__main__ as runner
+
+    broken = tmp_path / "mods" / "broken_suite.py"
+    broken.parent.mkdir()
+    broken.write_text("from json import no_such_name\n")  # our bug, not a missing optional framework
+    (tmp_path / "mods" / "needs_optax_suite.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'optax.contrib'\", name='optax.contrib')\n")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    monkeypatch.setitem(runner.SUITES, "broken", ("broken_suite", "a suite with a bad import"))
+    monkeypatch.setitem(runner.SUITES, "needs_optax", ("needs_optax_suite", "a suite needing optax"))
+    assert runner.main(["broken", "needs_optax", "--out", str(tmp_path / "out")]) == 1
+    suites = {s["name"]: s for s in load_results(tmp_path / "out/results.json")["suites"]}
+    assert suites["broken"]["status"] == "failed" and "no_such_name" in suites["broken"]["reason"]
+    assert suites["needs_optax"]["status"] == "skipped" and suites["needs_optax"]["reason"].startswith("needs optax")
+
+
 def test_compare_after_a_run_lands_in_its_results_and_report(tmp_path, monkeypatch):
     import benchmarks.__main__ as runner
     import benchmarks.spectra as spectra
@@ -189,6 +207,17 @@ def test_compare_verdicts_follow_the_threshold_in_the_metric_direction(tmp_path)
         compare(old, new, 0.0)
 
 
+def test_compare_does_not_match_rows_of_runs_with_other_settings(tmp_path):
+    table = lambda ms: Table("t", "T", [("impl", "impl"), ("ms", "ms")], [dict(impl="x", ms=ms)], key=("impl",),
+                             metric="ms")
+    old = write_folder(tmp_path / "o", [Suite("s", [table(1.0)], config=dict(width=256, device="cpu"))], [], True)
+    new = write_folder(tmp_path / "n", [Suite("s", [table(9.0)], config=dict(width=768, device="cpu"))], [], False)
+    c = compare(old, new)
+    assert [r["verdict"] for r in c["rows"]] == ["settings differ"]  # not a 9x "regression"
+    assert c["settings_differ"] == {"s": "width: 256 → 768"}
+    assert "**s: run with other settings** (width: 256 → 768)" in compare_markdown(c)
+
+
 def test_compare_warns_when_the_machines_differ(tmp_path):
     c = compare(results(tmp_path, "o", [dict(impl="x", ms=1.0)], machine_cpu="EPYC"),
                 results(tmp_path, "n", [dict(impl="x", ms=2.0)], machine_cpu="Xeon"))
@@ -211,12 +240,15 @@ def test_compare_command_exit_status(tmp_path, capsys):
     ("[1, 2", "not JSON"),
     ('{"schema": "other/v9", "suites": []}', "not a benchmark results file (schema 'other/v9'"),
     (f'{{"schema": "{SCHEMA}", "suites": {{}}}}', "'suites' must be a list"),
+    (f'{{"schema": "{SCHEMA}", "suites": [{{"tables": []}}]}}', "suites[0] needs a 'name'"),
+    (f'{{"schema": "{SCHEMA}", "suites": [{{"name": "s", "tables": [{{"name": "t", "rows": [1]}}]}}]}}',
+     "suites[0] (s) tables[0]: needs 'name', 'rows' (objects)"),
 ])
 def test_load_results_names_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "r.json"
     if text is not None:
         path.write_text(text)
-    with pytest.raises(ResultsError, match="r.json: " + message.replace("(", r"\(")):
+    with pytest.raises(ResultsError, match=re.escape("r.json: " + message)):
         load_results(path)
 
 
@@ -242,8 +274,8 @@ def test_gpu_summary_reads_the_goals_from_a_check_folder(tmp_path):
                                    ("1280x5120", "bfloat16", "newton_schulz", "torch eager", 91.0),
                                    ("1280x5120", "float32", "newton_schulz", "torch eager", 99.0),  # not bf16
                                    ("1280x5120", "bfloat16", "polar_express", "torch eager", 99.0)]]  # not NS5
-    write_folder(tmp_path / "bench", [Suite("orthogonalize", [Table("speed", "S", [("shape", "shape")], speed)])],
-                 [], quick=False)
+    table = Table("speed", "S", [("shape", "shape")], speed)
+    write_folder(tmp_path / "orthogonalize", [Suite("orthogonalize", [table])], [], quick=False)
     (tmp_path / "stages.txt").write_text("cuda_tests: passed in 90 s\ntrain_d12: timed out after 150s in 150 s\n")
     (tmp_path / "train_d12").mkdir()
     recs = [dict(type="train", step=s, mfu=0.05 if s < 10 else 0.40 + 0.01 * (s % 3), tokens_per_s=1e5)
