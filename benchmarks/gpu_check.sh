@@ -22,10 +22,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/gpu_check}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STATUS="$OUT/stages.txt"
-: > "$STATUS"
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log, record the status
   local name=$1 limit=$2; shift 2
@@ -45,6 +43,8 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   echo "error: no CUDA GPU visible to $PY (or torch is not installed with CUDA); this check needs one" >&2
   exit 2
 fi
+mkdir -p "$OUT"  # only now: without a GPU nothing is written
+: > "$STATUS"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 if [ "${NO_INSTALL:-0}" != 1 ]; then

@@ -290,3 +290,11 @@ def test_gpu_summary_reads_the_goals_from_a_check_folder(tmp_path):
     md, met = summary(tmp_path)
     assert met == {"ns_bf16": True} and "d12 training metrics missing (FileNotFoundError" in md
     assert summary_main([str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs the whole check")
+def test_gpu_check_without_a_gpu_exits_2_and_writes_nothing(tmp_path):
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and "error: no CUDA GPU visible" in proc.stderr
+    assert not (tmp_path / "out").exists()
