@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     if args.list:
         for name, (_, what) in SUITES.items():
             print(f"{name:14} {what}")
+        print("\nThe Muon vs AdamW training study is its own command: python -m benchmarks.study [--quick]")
         return 0
     if not args.threshold > 0:
         p.error(f"--threshold must be > 0, got {args.threshold}")

@@ -75,11 +75,11 @@ FULL = Settings(depth=6, seq_len=512, batch_size=32, steps=600, eval_every=50, e
                 max_corpus_bytes=None)
 
 
-
 def mean_or_none(values) -> float | None:
     """The mean of the values that are not None; None if there are none."""
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
 
 def _fresh_dir(text: str) -> Path:
     # the trainer refuses a run directory that holds a previous run: say so before any run starts
