@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_THRESHOLD
+from benchmarks.compare import FULL_THRESHOLD, QUICK_THRESHOLD
 from benchmarks.results import ResultsError, Suite, load_results, run_suite, write_folder
 
 # name: (module, what it measures). Each module has parser() (with --quick) and measure(args) -> Suite,
@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="for the suites that take one (default: each suite's own, auto = CUDA where visible)")
     p.add_argument("--compare", type=Path, metavar="OLD.json", help="report per-row changes against this results.json")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"relative change --compare calls a regression or improvement (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="relative change --compare calls a regression or improvement (default "
+                        f"{QUICK_THRESHOLD} if either run is --quick, else {FULL_THRESHOLD}: benchmarks/compare.py)")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
             print(f"{name:14} {what}")
         print("\nThe Muon vs AdamW training study is its own command: python -m benchmarks.study [--quick]")
         return 0
-    if not args.threshold > 0:
+    if args.threshold is not None and not args.threshold > 0:
         p.error(f"--threshold must be > 0, got {args.threshold}")
     errors = []
     unknown = [s for s in args.suites if s not in SUITES]

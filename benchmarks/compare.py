@@ -1,18 +1,24 @@
 """Regressions and improvements between two benchmark runs, row by row.
 
 Rows are matched by (suite, table, the table's key columns); the table's `metric` column is
-compared as ratio = new / old. With threshold t (default 0.10):
+compared as ratio = new / old. With threshold t:
 
     lower is better:  ratio > 1 + t → "regression",   ratio < 1 / (1 + t) → "improvement"
     higher is better: ratio < 1 / (1 + t) → "regression", ratio > 1 + t → "improvement"
 
-anything between is "same"; rows in only one run are "new" / "gone"; rows of a suite run with other
-settings (its `config`: sizes, device, compile, ...) are "settings differ". A t of 0.10 is above the
-run-to-run spread of the interleaved medians on these shared 2-core machines (measured 3–8% for
-the same commit) and below the effects worth knowing about; use a larger t for runs on different
-days or machines (the report warns when CPU model, GPU or thread count differ).
+except that a row whose two runs' [min, max] ranges overlap (the table's `spread`) stays "same":
+the change is within the runs' own noise. Anything between is "same"; rows in only one run are
+"new" / "gone"; rows of a suite run with other settings (its `config`: sizes, device, compile, ...)
+are "settings differ". The report warns when CPU model, GPU, thread count or versions differ.
 
-    python -m benchmarks.compare OLD/results.json NEW/results.json [--threshold 0.1]
+Default t: 0.5 when either run is --quick, 0.1 otherwise. Measured on the 2-core EPYC: two
+back-to-back quick runs of the same commit moved the medians by 2–20% (median over a suite's rows)
+and up to 2.4x (an FSDP2 step of 66 ms, within its own min–max; flagged: a 1-rank AdamW step of 1-2 ms
+at 0.5x, torch.optim.Muon's quick step at 1.9x): machine drift between runs that the in-run min/max
+do not cover. At t = 0.1, 20 of their 177 rows were flagged; at t = 0.5, 3. Full-size runs (seconds per call) were not measured twice here; 0.1 is a starting
+point for them, and a run on another day or machine wants a larger t.
+
+    python -m benchmarks.compare OLD/results.json NEW/results.json [--threshold T]
     python -m benchmarks SUITE ... --compare OLD/results.json     # the same, after the run
 """
 
@@ -25,7 +31,11 @@ from pathlib import Path
 
 from benchmarks.results import ResultsError, load_results
 
-DEFAULT_THRESHOLD = 0.10
+QUICK_THRESHOLD, FULL_THRESHOLD = 0.5, 0.1  # see the module docstring for the measurement
+
+
+def default_threshold(old: dict, new: dict) -> float:
+    return QUICK_THRESHOLD if old.get("quick") or new.get("quick") else FULL_THRESHOLD
 MACHINE_KEYS = ("cpu_model", "cuda", "threads", "torch", "jax")
 
 
@@ -45,8 +55,10 @@ def _number(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD, against: str | None = None) -> dict:
-    """The per-row comparison of two results dicts (load_results); JSON-ready."""
+def compare(old: dict, new: dict, threshold: float | None = None, against: str | None = None) -> dict:
+    """The per-row comparison of two results dicts (load_results); JSON-ready. threshold None: the
+    default for the runs' kind (default_threshold)."""
+    threshold = default_threshold(old, new) if threshold is None else threshold
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     before, after = _rows(old), _rows(new)
@@ -72,12 +84,26 @@ def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD, against:
                 worse = ratio > 1 + threshold if t["lower_is_better"] else ratio < 1 / (1 + threshold)
                 better = ratio < 1 / (1 + threshold) if t["lower_is_better"] else ratio > 1 + threshold
                 verdict = "regression" if worse else "improvement" if better else "same"
+                if verdict != "same" and _overlap(t.get("spread"), before[ident][1], row):
+                    verdict = "same"  # the two runs' [min, max] overlap: within their own noise
             entry.update(old=o, new=n, ratio=ratio, verdict=verdict)
         rows.append(entry)
     om, nm = old.get("machine", {}), new.get("machine", {})
     differs = [f"{k}: {om.get(k)} → {nm.get(k)}" for k in MACHINE_KEYS if om.get(k) != nm.get(k)]
     return dict(against=against, threshold=threshold, old_commit=om.get("git_commit"), new_commit=nm.get("git_commit"),
                 machine_differs=differs, settings_differ=settings, rows=rows)
+
+
+def _overlap(spread, old: dict, new: dict) -> bool:
+    """Whether the [min, max] ranges of the two rows' repetitions overlap (False without a spread)."""
+    if not spread:
+        return False
+    lo_col, hi_col = spread
+    lo_o, hi_o, lo_n, hi_n = (_number(r.get(c)) for r, c in ((old, lo_col), (old, hi_col), (new, lo_col),
+                                                            (new, hi_col)))
+    if None in (lo_o, hi_o, lo_n, hi_n):
+        return False
+    return lo_n <= hi_o and lo_o <= hi_n
 
 
 def _diff(old, new) -> str:
@@ -115,9 +141,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
     p.add_argument("old", type=Path, help="the earlier run's results.json")
     p.add_argument("new", type=Path, help="the later run's results.json")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="relative change that counts")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"relative change that counts (default {QUICK_THRESHOLD} if either run is --quick, "
+                        f"else {FULL_THRESHOLD})")
     args = p.parse_args(argv)
-    if not args.threshold > 0:
+    if args.threshold is not None and not args.threshold > 0:
         p.error(f"--threshold must be > 0, got {args.threshold}")
     try:
         old, new = load_results(args.old), load_results(args.new)

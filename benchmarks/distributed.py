@@ -71,9 +71,9 @@ def _naive_step(params, opt, comm_bytes):
     opt.step()
 
 
-def timed(fn, steps: int, warmup: bool = True) -> tuple[float, float | None]:
-    """Median seconds per call (between barriers) and mean loopback bytes per call, after one
-    warm-up call (lazy state, allocator) unless `warmup` is False."""
+def timed(fn, steps: int, warmup: bool = True) -> tuple[tuple[float, float, float], float | None]:
+    """(median, min, max) seconds per call (between barriers) and mean loopback bytes per call,
+    after one warm-up call (lazy state, allocator) unless `warmup` is False."""
     times, wire = [], []
     if warmup:
         fn()
@@ -86,7 +86,7 @@ def timed(fn, steps: int, warmup: bool = True) -> tuple[float, float | None]:
         times.append(t1 - t0)
         if b0 is not None:
             wire.append(b1 - b0)
-    return statistics.median(times), (statistics.mean(wire) if wire else None)
+    return (statistics.median(times), min(times), max(times)), (statistics.mean(wire) if wire else None)
 
 
 def join_group(rank: int, n: int, port: int) -> None:
@@ -120,10 +120,10 @@ def _worker(rank, n, port, cfg, results):
                 ("reduce_scatter", lambda: dist.reduce_scatter_tensor(part, x, op=dist.ReduceOp.AVG), 1),
                 ("all_gather", lambda: dist.all_gather_into_tensor(full, part), 1),
                 ("all_reduce", lambda: dist.all_reduce(x, op=dist.ReduceOp.AVG), 2)):
-            sec, wire = timed(fn, cfg["steps"])
+            (sec, lo, hi), wire = timed(fn, cfg["steps"])
             theory = ring * (n - 1) / n * numel * 4
             if rank == 0:
-                rows.append(dict(optimizer="gloo", scheme=name, world_size=n, step_s=sec,
+                rows.append(dict(optimizer="gloo", scheme=name, world_size=n, step_s=sec, step_min_s=lo, step_max_s=hi,
                                  param_MB=numel * 4 / 1e6, sent_MB_per_rank=theory / 1e6,
                                  theory_MB_per_rank=theory / 1e6,
                                  wire_MB_per_rank=None if wire is None else wire / n / 1e6))
@@ -144,7 +144,7 @@ def _worker(rank, n, port, cfg, results):
             step = opt.step if scheme == "dist" else functools.partial(_naive_step, params, opt, comm)
             if scheme == "dist":
                 opt.stats.reset()
-            sec, wire = timed(step, cfg["steps"])
+            (sec, lo, hi), wire = timed(step, cfg["steps"])
             if scheme == "dist":
                 s = opt.stats
                 sent = s.total_bytes_sent / s.steps
@@ -153,7 +153,7 @@ def _worker(rank, n, port, cfg, results):
                 sent = sum(comm.values()) / (cfg["steps"] + 1)
                 work = len(params) if kind == "muon" else sum(p.numel() for p in params)
             gathered = [None] * n
-            dist.all_gather_object(gathered, dict(sec=sec, sent=sent, work=work))
+            dist.all_gather_object(gathered, dict(sec=sec, lo=lo, hi=hi, sent=sent, work=work))
             if rank == 0:
                 by_shape = {}
                 for sh in shapes:
@@ -175,7 +175,8 @@ def _worker(rank, n, port, cfg, results):
                     count_balance = sum(math.ceil(k / n) * ns_cost(sh) for sh, k in by_shape.items()) / mean
                 rows.append(dict(
                     optimizer=kind, scheme=scheme, world_size=n,
-                    step_s=max(g["sec"] for g in gathered),
+                    step_s=max(g["sec"] for g in gathered),  # the slowest rank's median, min and max
+                    step_min_s=max(g["lo"] for g in gathered), step_max_s=max(g["hi"] for g in gathered),
                     param_MB=param_bytes / 1e6,
                     padded_MB=moved / 1e6,
                     sent_MB_per_rank=max(g["sent"] for g in gathered) / 1e6,
@@ -284,7 +285,8 @@ def measure(args) -> Suite:
         if (r["optimizer"], r["scheme"]) in base:
             r["speedup_vs_N1"] = base[(r["optimizer"], r["scheme"])] / r["step_s"]
     columns = [("optimizer", "optimizer"), ("scheme", "scheme"), ("world_size", "N"),
-               ("step_s", "step s"), ("speedup_vs_N1", "vs N=1"), ("param_MB", "param MB"),
+               ("step_s", "step s"), ("step_min_s", "min s"), ("step_max_s", "max s"),
+               ("speedup_vs_N1", "vs N=1"), ("param_MB", "param MB"),
                ("padded_MB", "padded MB"), ("sent_MB_per_rank", "sent MB/rank (counters)"),
                ("theory_MB_per_rank", "theory 2(N-1)/N·padded MB"),
                ("wire_MB_per_rank", "loopback MB/rank"),
@@ -305,7 +307,7 @@ def measure(args) -> Suite:
              "ring-model bytes on the wire (as much as an all_reduce), so on gloo the sharded "
              "step moves ~1.5x the naive step's bytes; NCCL's ring reduce_scatter does not.")
     table = Table("steps", "Sharded optimizers vs naive data parallel (CPU, gloo)", columns, rows,
-                  key=("optimizer", "scheme", "world_size"), metric="step_s")
+                  key=("optimizer", "scheme", "world_size"), metric="step_s", spread=("step_min_s", "step_max_s"))
     fig = scaling_figure([r for r in rows if r["optimizer"] != "gloo"], lambda r: f"{r['optimizer']} {r['scheme']}",
                          f"Step time vs ranks ({size})")
     return Suite("distributed", [table], notes, {"scaling": fig}, config=cfg)

@@ -199,7 +199,8 @@ def measure(args) -> Suite:
              "Muon+(PE(MuonEq(G))) (NorMuon comes after orth). Polar errors on one "
              f"{width}×{4 * width} matrix; ill-cond = U·diag(logspace(0, −6))·Vᵀ.")
     table = Table("step", f"Muon step over {layers} layer(s) of width {width}: orthogonalizers vs outside "
-                  "implementations", COLUMNS, rows, key=("implementation",), metric="ms")
+                  "implementations", COLUMNS, rows, key=("implementation",), metric="ms",
+                  spread=("min_ms", "max_ms"))
     config = dict(layers=layers, width=width, ns_dtype=args.ns_dtype, compile=args.compile, repeats=args.repeats,
                   torch_optim=args.torch_optim, nanochat=nanochat is not None)
     return Suite("muon_step", [table], notes, {"time_vs_quality": figure(rows)}, config=config)

@@ -215,7 +215,7 @@ def measure(args) -> Suite:
               Table("steps", "Every implementation (median, min, max)",
                     [("set", "set"), ("family", "family"), ("implementation", "implementation"),
                      ("ms", "median ms"), ("min_ms", "min ms"), ("max_ms", "max ms"), ("vs_ours", "time ÷ ours")],
-                    rows, key=("set", "family", "implementation"), metric="ms")]
+                    rows, key=("set", "family", "implementation"), metric="ms", spread=("min_ms", "max_ms"))]
     torch_optim = ("included" if native else "skipped: bf16 GEMM is emulated on this CPU, and torch.optim.Muon "
                    "always orthogonalizes in bf16")
     notes = (f"torch on {device}, {jax_note}; Muon NS dtype {ns_dtype} (ours, jax_reference; "

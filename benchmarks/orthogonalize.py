@@ -314,7 +314,7 @@ def measure(args) -> Suite:
              "than it). Quality on non-tall unstacked shapes only (f(Xᵀ) = f(X)ᵀ).")
     tables = [pivot(speed),
               Table("speed", "Per call, every implementation (median, min, max)", SPEED_COLUMNS, speed,
-                    key=("shape", "dtype", "method", "implementation"), metric="ms")]
+                    key=("shape", "dtype", "method", "implementation"), metric="ms", spread=("min_ms", "max_ms"))]
     if quality:
         tables.append(Table("quality", "Quality (.specs/orthogonalizers.md §7, fp64)", QUALITY_COLUMNS, quality,
                             key=("input", "shape", "dtype", "method", "implementation"), metric="polar_error"))

@@ -33,6 +33,7 @@ results.json, schema "benchmarks/results/v1":
               "metric": "ms" | null,       # the number --compare compares (null: not compared)
               "lower_is_better": true,
               "best": ["torch eager", "jax.jit"],   # columns whose best per row is marked
+              "spread": ["min_ms", "max_ms"] | null,   # the metric's min and max over the repetitions
               "rows": [{"shape": "128x512", "ms": 1.2, ...}, ...]
             }
           ]
@@ -84,11 +85,12 @@ class Table:
     metric: str | None = None
     lower_is_better: bool = True
     best: tuple[str, ...] = ()
+    spread: tuple[str, str] | None = None  # the columns of the metric's min and max over the repetitions
 
     def to_json(self) -> dict:
         return dict(name=self.name, title=self.title, columns=[dict(key=k, header=h) for k, h in self.columns],
                     key=list(self.key), metric=self.metric, lower_is_better=self.lower_is_better,
-                    best=list(self.best), rows=self.rows)
+                    best=list(self.best), spread=list(self.spread) if self.spread else None, rows=self.rows)
 
 
 @dataclass
@@ -152,7 +154,7 @@ def report_markdown(data: dict, title: str) -> str:
         md += [f"{s['seconds']:.1f} s.", ""] if s.get("seconds") is not None else []
         for t in s["tables"]:
             table = Table(t["name"], t["title"], [(c["key"], c["header"]) for c in t["columns"]], t["rows"],
-                          tuple(t["key"]), t["metric"], t["lower_is_better"], tuple(t["best"]))
+                          tuple(t["key"]), t["metric"], t["lower_is_better"], tuple(t["best"]))  # spread: compare only
             md += [f"### {t['title']}", "", markdown(table), ""]
         md += [f"![{p}]({p})" for p in s["plots"]] + ([""] if s["plots"] else [])
         if s["notes"]:
@@ -166,7 +168,7 @@ def report_markdown(data: dict, title: str) -> str:
 
 
 def write_folder(out: Path, suites: list[Suite], argv: list[str], quick: bool, title: str = "Benchmarks",
-                 compare_with: tuple[dict, float, str] | None = None) -> dict:
+                 compare_with: tuple[dict, float | None, str] | None = None) -> dict:
     """Write out/results.json, out/report.md and every suite's figures; returns the results dict.
     compare_with: (an older run's results, threshold, its path) to compare this run against."""
     out = Path(out)
@@ -221,9 +223,10 @@ def load_results(path: Path) -> dict:
             if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("rows"), list)
                     and all(isinstance(r, dict) for r in t["rows"]) and isinstance(t.get("key", []), list)
                     and isinstance(t.get("metric"), (str, type(None)))
+                    and (t.get("spread") is None or (isinstance(t["spread"], list) and len(t["spread"]) == 2))
                     and isinstance(t.get("lower_is_better", True), bool)):
-                raise ResultsError(f"{where}: needs 'name', 'rows' (objects), 'key' (a list), 'metric' and "
-                                   "'lower_is_better'")
+                raise ResultsError(f"{where}: needs 'name', 'rows' (objects), 'key' (a list), 'metric', "
+                                   "'lower_is_better' and 'spread' (two column names or null)")
     if not isinstance(data.get("machine", {}), dict):
         raise ResultsError(f"{path}: 'machine' must be an object")
     return data

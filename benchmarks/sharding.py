@@ -140,13 +140,13 @@ def measure_scheme(scheme: str, base, mesh, n: int, rank: int, cfg: dict) -> tup
         part.stats.reset()
     if traffic is not None:
         traffic.stats.reset()
-    sec, wire = timed(step, cfg["steps"], warmup=False)
+    (sec, lo, hi), wire = timed(step, cfg["steps"], warmup=False)
     sent = sum(part.stats.total_bytes_sent for part in parts)
     if traffic is not None:
         sent += traffic.stats.total_bytes_sent
     # the bytes the ZeRO-2 collectives move: stacks padded to chunk·N matrices, rows to chunk·N
     padded = sum(padded_bytes(part, n) for part in parts)
-    return dict(sec=sec, wire=wire, padded=padded,
+    return dict(sec=sec, lo=lo, hi=hi, wire=wire, padded=padded,
                 sent=sent / cfg["steps"], params=nbytes(model.parameters()), grads=grads,
                 state=state_bytes(parts + ([torch_muon] if torch_muon else [])),
                 balance=opt.optimizers["muon"].owner_balance() if "muon" in opt.optimizers else None), named
@@ -178,7 +178,8 @@ def _worker(rank, n, port, cfg, results):
             theory_sent = {"zero2_step": 2 * (n - 1) / n * padded, "zero2_backward": 2 * (n - 1) / n * padded,
                            "fsdp": 2 * (n - 1) / n**2 * muon_bytes}.get(scheme)
             rows.append(dict(
-                scheme=scheme, world_size=n, step_s=max(e["sec"] for e in every),
+                scheme=scheme, world_size=n, step_s=max(e["sec"] for e in every),  # the slowest rank's
+                step_min_s=max(e["lo"] for e in every), step_max_s=max(e["hi"] for e in every),
                 params_MB=max(e["params"] for e in every) / 1e6,
                 theory_params_MB=total / (n if scheme.startswith("fsdp") else 1) / 1e6,
                 grads_MB=max(e["grads"] for e in every) / 1e6,
@@ -237,7 +238,8 @@ def measure(args) -> Suite:
         t = time.perf_counter()
         rows += run_world(n, cfg, _worker)
         print(f"world size {n}: {time.perf_counter() - t:.1f} s", flush=True)
-    columns = [("scheme", "scheme"), ("world_size", "N"), ("step_s", "step s"),
+    columns = [("scheme", "scheme"), ("world_size", "N"), ("step_s", "step s"), ("step_min_s", "min s"),
+               ("step_max_s", "max s"),
                ("params_MB", "params MB/rank"), ("theory_params_MB", "theory"),
                ("grads_MB", "grads MB/rank after backward"), ("theory_grads_MB", "theory"),
                ("state_MB", "state MB/rank"), ("theory_state_MB", "theory"),
@@ -254,7 +256,7 @@ def measure(args) -> Suite:
              "mean over ranks; 'loopback': the kernel's lo transmit bytes over all ranks / N, everything "
              "included (FSDP's own all_gathers and reduce_scatters, TCP framing).")
     table = Table("schemes", "ZeRO-2 vs FSDP2 vs torch.optim.Muon on DTensors (CPU, gloo)", columns, rows,
-                  key=("scheme", "world_size"), metric="step_s")
+                  key=("scheme", "world_size"), metric="step_s", spread=("step_min_s", "step_max_s"))
     figures = {"memory": memory_figure(rows),
                "scaling": scaling_figure(rows, lambda r: r["scheme"], f"Training step time vs ranks ({size})")}
     return Suite("sharding", [table], notes, figures, config=cfg)

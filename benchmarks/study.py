@@ -225,7 +225,7 @@ def tables(configs: list[str], s: Settings, runs: dict) -> tuple[Table, Table]:
          ("bpb_max", "max"), *([("vs_adamw", "mean − AdamW's")] if ADAMW in configs else []),
          ("best_bpb_mean", "best val bpb, mean"), ("train_s", "training s, mean"), ("run_s", "run s, mean"),
          ("tokens_per_s", "tokens/s, mean")],
-        final_rows, key=("config",), metric="bpb_mean", lower_is_better=True)
+        final_rows, key=("config",), metric="bpb_mean", lower_is_better=True, spread=("bpb_min", "bpb_max"))
     curves = Table(
         "curves", "Validation bits per byte at every evaluation, every run",
         [("config", "config"), ("seed", "seed"), ("step", "step"), ("tokens", "tokens"), ("val_bpb", "val bpb"),

@@ -234,7 +234,7 @@ def measure(args) -> Suite:
                      ("max_ms", "max ms"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
                      ("fwd_bwd_ms", "fwd+bwd ms"), ("opt_ms", "optimizer ms"), ("orth_ms", "orthogonalize ms"),
                      ("orth_share", "orth share")],
-                    rows, key=("depth", "framework"), metric="step_ms")]
+                    rows, key=("depth", "framework"), metric="step_ms", spread=("min_ms", "max_ms"))]
     peak_text = (f"the dense bf16 peak of {torch.cuda.get_device_name()}, {peak / 1e12:.0f} TFLOP/s" if cuda and peak
                  else "unknown for this GPU (no MFU)" if cuda
                  else f"the best measured fp32 1024³ matmul rate here, {peak / 1e9:.0f} GFLOP/s")

@@ -198,13 +198,31 @@ def test_compare_verdicts_follow_the_threshold_in_the_metric_direction(tmp_path)
                    "f": "gone", "g": "not comparable", "h": "new"}
     higher = {r["row"]: r["verdict"] for r in compare(
         results(tmp_path, "o2", [dict(impl="x", ms=100.0), dict(impl="y", ms=100.0)], lower_is_better=False),
-        results(tmp_path, "n2", [dict(impl="x", ms=120.0), dict(impl="y", ms=80.0)], lower_is_better=False))["rows"]}
+        results(tmp_path, "n2", [dict(impl="x", ms=120.0), dict(impl="y", ms=80.0)], lower_is_better=False),
+        0.10)["rows"]}
     assert higher == {"x": "improvement", "y": "regression"}
     untracked = compare(results(tmp_path, "o3", [dict(impl="x", ms=1.0)], metric=None),
                         results(tmp_path, "n3", [dict(impl="x", ms=9.0)], metric=None))
     assert untracked["rows"] == []
     with pytest.raises(ValueError, match="threshold must be > 0"):
         compare(old, new, 0.0)
+
+
+def test_compare_keeps_changes_within_the_runs_spread_and_defaults_the_threshold_by_kind(tmp_path):
+    def run(name, ms, lo, hi, quick):
+        table = Table("t", "T", [("impl", "impl"), ("ms", "ms")], [dict(impl="x", ms=ms, lo=lo, hi=hi)],
+                      key=("impl",), metric="ms", spread=("lo", "hi"))
+        return write_folder(tmp_path / name, [Suite("s", [table])], [], quick)
+    verdict = lambda old, new, t=None: compare(old, new, t)["rows"][0]["verdict"]
+    base = run("a", 10.0, 9.0, 12.0, quick=False)
+    # +30% on the median, but the new [min, max] reaches into the old one: noise, not a regression
+    assert verdict(base, run("b", 13.0, 11.5, 14.0, quick=False)) == "same"
+    assert verdict(base, run("c", 13.0, 12.5, 14.0, quick=False)) == "regression"  # disjoint: +30% > 10%
+    # the default threshold: 0.1 between full runs, 0.5 when either is quick (compare.py's measurement)
+    assert compare(base, run("d", 10.0, 9.0, 12.0, quick=False))["threshold"] == 0.1
+    quick_old, quick_new = run("e", 10.0, 9.5, 10.5, quick=True), run("f", 14.0, 13.5, 14.5, quick=True)
+    assert compare(quick_old, quick_new)["threshold"] == 0.5 and verdict(quick_old, quick_new) == "same"
+    assert verdict(quick_old, quick_new, 0.1) == "regression"
 
 
 def test_compare_does_not_match_rows_of_runs_with_other_settings(tmp_path):
