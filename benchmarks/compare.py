@@ -13,10 +13,11 @@ are "settings differ". The report warns when CPU model, GPU, thread count or ver
 
 Default t: 0.5 when either run is --quick, 0.1 otherwise. Measured on the 2-core EPYC: two
 back-to-back quick runs of the same commit moved the medians by 2–20% (median over a suite's rows)
-and up to 2.4x (an FSDP2 step of 66 ms, within its own min–max; flagged: a 1-rank AdamW step of 1-2 ms
-at 0.5x, torch.optim.Muon's quick step at 1.9x): machine drift between runs that the in-run min/max
-do not cover. At t = 0.1, 20 of their 177 rows were flagged; at t = 0.5, 3. Full-size runs (seconds per call) were not measured twice here; 0.1 is a starting
-point for them, and a run on another day or machine wants a larger t.
+and up to 2.4x (an FSDP2 step of 66 ms, within its own min–max; flagged: a 1-rank AdamW step
+of 1-2 ms at 0.5x, torch.optim.Muon's quick step at 1.9x): machine drift between runs that the
+in-run min/max do not cover. At t = 0.1, 20 of their 177 rows were flagged; at t = 0.5, 3.
+Full-size runs (seconds per call) were not measured twice here; 0.1 is a starting point for
+them, and a run on another day or machine wants a larger t.
 
     python -m benchmarks.compare OLD/results.json NEW/results.json [--threshold T]
     python -m benchmarks SUITE ... --compare OLD/results.json     # the same, after the run
