@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.report import positive_int
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 
 
 def muon_shapes(n_layer: int, d: int) -> list[tuple[int, int]]:
@@ -241,9 +241,7 @@ def world_sizes(text: str) -> list[int]:
 
 def scaling_figure(rows: list[dict], label: str, what: str):
     """Step time against the number of ranks, one line per `label` value (bars: none; medians)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     for name in dict.fromkeys(label(r) for r in rows):

@@ -43,10 +43,10 @@ import torch
 import jax_reference.muon as JM
 import torch_impl.muon as TM
 from benchmarks import outside
-from benchmarks.optimizer_step import matrix_shapes, torch_params
+from benchmarks.optimizer_step import jax_step, matrix_shapes, torch_params
 from benchmarks.orthogonalize import inputs
 from benchmarks.report import interleaved_times, positive_int
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.optim import Muon
 from torch_impl.orthogonalize import NS5_COEFFS, exact_polar
 
@@ -56,14 +56,9 @@ GOAL = 1.3
 OUTSIDE = ("torch.optim.Muon", "optax.contrib.muon", "nanochat")
 
 
-def optax_step(tx, shapes):
-    """A zero-argument jitted optax step on fixed params, grads and state (the step's cost only)."""
-    rng = np.random.default_rng(0)
-    params = [jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.02) for s in shapes]
-    grads = [jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in shapes]
-    state = tx.init(params)
-    step = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
-    return lambda: jax.block_until_ready(step(grads, state, params))
+def named(shapes) -> dict[str, tuple[int, ...]]:
+    """The matrix list as the {name: shape} dict optimizer_step.jax_step takes (same order, same draws)."""
+    return {f"{i:03d}": s for i, s in enumerate(shapes)}
 
 
 def polar_errors(orth, G: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -111,7 +106,7 @@ def cases(args, shapes, nanochat) -> list[Case]:
     from optax.contrib._muon import orthogonalize_via_newton_schulz
     ns5 = jnp.asarray(NS5_COEFFS)
     tx = optax.contrib.muon(LR, muon_weight_dimension_numbers=MuonDimensionNumbers(1, 0))
-    out.append(Case("optax.contrib.muon NS5 fp32 (jit)", "outside", "float32", lambda: optax_step(tx, shapes),
+    out.append(Case("optax.contrib.muon NS5 fp32 (jit)", "outside", "float32", lambda: jax_step(tx, named(shapes)),
                     jax.jit(lambda X: orthogonalize_via_newton_schulz(X, ns5, 5))))
     for mode in ("eager", "compiled") if args.compile and nanochat else ("eager",) if nanochat else ():
         def make(mode=mode):
@@ -125,7 +120,7 @@ def cases(args, shapes, nanochat) -> list[Case]:
                         lambda X: outside.nanochat_orthogonalize(nanochat, torch.from_numpy(X))))
     jns = jax.jit(lambda X: JM.ORTHOGONALIZERS["newton_schulz"](X, steps=5, eps=1e-7, compute_dtype=jnp.float32))
     out.append(Case("jax_reference.muon NS5 fp32 (jit)", "reference", "float32",
-                    lambda: optax_step(JM.muon(LR, ns_dtype=jnp.float32, nonfinite="skip"), shapes), jns))
+                    lambda: jax_step(JM.muon(LR, ns_dtype=jnp.float32, nonfinite="skip"), named(shapes)), jns))
     return out
 
 
@@ -209,9 +204,7 @@ def measure(args) -> Suite:
 def figure(rows: list[dict]):
     """Median step time against the polar error (Gaussian input) of each implementation: the
     speed / quality trade-off in one picture (lower left is better)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for r in rows:

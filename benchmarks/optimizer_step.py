@@ -39,7 +39,7 @@ import jax_reference.muon as JM
 import jax_reference.optim as JO
 from benchmarks import outside
 from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.gpt import GPT, GPTConfig
 from torch_impl.optim import AdamW, Muon, hybrid, label_param
 
@@ -141,9 +141,7 @@ def implementations(family: str, shapes: dict, width: int, ns_dtype: str, torch_
 
 def figure(rows: list[dict]):
     """Grouped bars: median ms per step of each implementation, per parameter set and family."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = list(dict.fromkeys((r["set"], r["family"]) for r in rows))
     impls = list(dict.fromkeys(r["implementation"] for r in rows))

@@ -40,7 +40,7 @@ import jax_reference.muon as JM
 import torch_impl.muon as TM
 from benchmarks import outside
 from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 from jax_reference.quality import METRICS, quality_metrics
 from torch_impl.gram_newton_schulz import RESTART_AFTER
 
@@ -205,9 +205,7 @@ QUALITY_COLUMNS = [("input", "input"), ("shape", "shape"), ("dtype", "dtype"), (
 def figures(speed: list[dict]) -> dict:
     """time_vs_shape: one panel per method, median ms against the shape (ordered by FLOPs) for each
     implementation; pct_matmul: each implementation's share of the plain matmul rate, largest shape."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     dtype = speed[0]["dtype"]
     rows = [r for r in speed if r["dtype"] == dtype]

@@ -135,6 +135,15 @@ def markdown(table: Table) -> str:
     return "\n".join([head, sep, *body])
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on CI or GPU machines); imported when
+    a suite draws, so the tables need no matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

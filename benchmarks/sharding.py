@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from benchmarks.distributed import join_group, run_world, scaling_figure, timed, world_sizes
 from benchmarks.report import positive_int
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 
 SCHEMES = ("zero2_step", "zero2_backward", "fsdp", "fsdp_torch_muon")
 
@@ -199,9 +199,7 @@ def _worker(rank, n, port, cfg, results):
 def memory_figure(rows: list[dict]):
     """Per-rank bytes held (parameters, gradients after backward, optimizer state), measured (bars)
     against the theory (black ticks), for each scheme and rank count."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     parts = (("params_MB", "theory_params_MB", "parameters"), ("grads_MB", "theory_grads_MB", "gradients"),
              ("state_MB", "theory_state_MB", "optimizer state"))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import positive_int
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.corpus import load_corpus
 from torch_impl.gpt import GPT, GPTConfig
 from torch_impl.muon import NS_EPS, ORTHOGONALIZERS, default_steps
@@ -102,10 +102,7 @@ def measure(args) -> Suite:
     rows = [dict(update=k, sigma_max=float(s[0]), sigma_min=float(s[-1]), ratio=float(s[-1] / s[0]))
             for k, s in spectra.items()]
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for i, (k, s) in enumerate(spectra.items()):

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import positive_int, resolve_device
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.gpt import GPT, GPTConfig
 from torch_impl.muon import ORTHOGONALIZERS, default_steps
 from torch_impl.plot import load_metrics, with_time
@@ -238,10 +238,7 @@ def figure(configs: list[str], s: Settings, runs: dict, x: str):
     """Val bpb per configuration against the step or the training time: the mean over seeds as a
     line, the min–max over seeds as a band; the right panel zooms on the second half of the run,
     where the configurations differ by hundredths of a bit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     # the zoom's box: every configuration's evaluations from the middle step on

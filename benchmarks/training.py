@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
-from benchmarks.results import Suite, Table, cli_main
+from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.device import autocast, peak_flops
 from torch_impl.gpt import GPT, GPTConfig
 from torch_impl.muon import NS_EPS, ORTHOGONALIZERS, default_steps
@@ -138,9 +138,7 @@ def jax_fn(depth: int, seq_len: int, batch: int, ns_dtype: str):
 def figure(rows: list[dict]):
     """Per depth: the torch step split into fwd+bwd, orthogonalization and the rest of the optimizer,
     next to the jitted JAX step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     torch_rows = [r for r in rows if r["framework"] == "torch"]
     jax_rows = {r["depth"]: r for r in rows if r["framework"] == "jax (jit)"}
