@@ -104,14 +104,17 @@ def test_bf16_wire_halves_the_bytes(rank_groups):
     rank_groups(2).run(case_bf16_wire_halves_the_bytes_and_rounds)
 
 
-def case_nonfinite_in_hooked_backward(policy: str):
-    """NaN in one rank's gradient of a hooked bucket: raise (or skip) on every rank, nothing
+def case_nonfinite_in_hooked_backward(policy: str, name: str):
+    """NaN in the last rank's gradient of parameter `name`, a hooked bucket (a Muon stack, or an
+    AdamW row-sharded parameter: the embedding, lm_head): raise (or skip) on every rank, nothing
     updated; the next step runs normally."""
     model = tiny_gpt()
     opt = hybrid(model.named_parameters(), distributed=True, nonfinite=policy, **KW)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batch(0, 0)
-    poison = model.transformer.h[1].mlp.c_fc.weight
+    poison = model.get_parameter(name)
+    bucketed = {p for part in opt.optimizers.values() for bucket in part.reduction_buckets() for p in bucket}
+    assert poison in bucketed, f"{name} is not reduced in backward: the case would not test the hooks"
     handle = poison.register_hook(lambda g: g * float("nan") if rank() == world_size() - 1 else g)
     loss = model(x, y)
     with opt.reduce_in_backward(loss):
@@ -122,7 +125,7 @@ def case_nonfinite_in_hooked_backward(policy: str):
         if not opt.step():
             outcome = "skipped"
     except NonFiniteGradientError as e:
-        outcome = "raised" if "transformer.h.1.mlp.c_fc.weight" in str(e) else f"wrong message: {e}"
+        outcome = "raised" if name in str(e) else f"wrong message: {e}"
     unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     opt.zero_grad()
     loss = model(x, y)
@@ -130,12 +133,14 @@ def case_nonfinite_in_hooked_backward(policy: str):
         loss.backward()
     ok = opt.step() and outcome == ("raised" if policy == "raise" else "skipped") and unchanged
     ok &= not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    all_ranks_agree(ok, f"policy {policy}: {outcome}, parameters unchanged: {unchanged}")
+    all_ranks_agree(ok, f"policy {policy}, NaN in {name}: {outcome}, parameters unchanged: {unchanged}")
 
 
+@pytest.mark.parametrize("name", ["transformer.h.1.mlp.c_fc.weight",  # Muon
+                                  "transformer.wte.weight", "lm_head.weight"])  # AdamW, row-sharded
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_nonfinite_in_hooked_backward_acts_on_every_rank(rank_groups, policy):
-    rank_groups(3).run(case_nonfinite_in_hooked_backward, policy)
+def test_nonfinite_in_hooked_backward_acts_on_every_rank(rank_groups, policy, name):
+    rank_groups(3).run(case_nonfinite_in_hooked_backward, policy, name)
 
 
 def case_grad_on_some_ranks_in_hooked_backward():
