@@ -10,7 +10,7 @@ mutation: ci without shrinking, for the planted-bug runs (parity_tests/mutation.
 import os
 
 # JAX's CPU backend has one device unless told otherwise; the sharded-Muon tests
-# (tests/jax_reference/test_sharded.py) need 4. XLA reads the flag once, when jax first starts
+# (tests/jax_reference/sharding/test_sharded.py) need 4. XLA reads the flag once, when jax first starts
 # its backend, so it is set here, before any test module imports jax. An XLA_FLAGS already set
 # keeps its other flags (and its own device count, if it has one).
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

@@ -11,7 +11,7 @@ Spawns N gloo ranks on this machine (one BLAS thread each) for a d12-sized param
 Reported against the theory: both schemes send 2·(N−1)/N of the gradient bytes per rank
 (a reduce_scatter + all_gather is an all_reduce split in two), but DistMuon
 orthogonalizes only ceil(K/N) of each stack's K matrices per rank. Bytes come from the
-optimizers' ring-model counters (torch_impl/distributed.py) and from the kernel's loopback
+optimizers' ring-model counters (torch_impl/sharding/comm.py) and from the kernel's loopback
 counters (/proc/net/dev "lo" transmit bytes, all ranks together, TCP framing included).
 ns_dtype is float32: this CPU's bf16 GEMM is emulated and ~10-40× slower.
 
@@ -101,8 +101,8 @@ def join_group(rank: int, n: int, port: int) -> None:
 
 def _worker(rank, n, port, cfg, results):
     join_group(rank, n, port)
-    from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
-    from torch_impl.placement import ns_cost
+    from torch_impl.optim.base import AdamW, DistAdamW, DistMuon, Muon
+    from torch_impl.sharding.placement import ns_cost
 
     def make(shapes, seed):
         g = torch.Generator().manual_seed(seed)

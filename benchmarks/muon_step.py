@@ -4,7 +4,7 @@ outside implementations, with the polar error of each one's orthogonalized direc
 Parameter set: `--layers` blocks of the 6 matrices of a d12 block (width 768: q, k, v, proj
 768×768, c_fc 3072×768, c_proj 768×3072, torch layout); 12 layers is the full d12. Fixed
 Gaussian gradients, lr 0.02, momentum 0.95 (Nesterov), no weight decay. Implementations:
-  - torch_impl.optim.Muon with each orthogonalizer (muon.default_steps, NS in each --ns-dtype, fp32
+  - torch_impl.optim.base.Muon with each orthogonalizer (muon.default_steps, NS in each --ns-dtype, fp32
     by default), plain Muon (no NorMuon); plus Polar Express with NorMuon (β₂ 0.95), MuonEq and Muon+
     (nanochat's feature set); with --compile, Muon(compile=True) of each (cold compile in warm-up);
   - torch.optim.Muon (NS5 in bf16 inside, whatever the parameters' dtype; skipped on CPUs where
@@ -12,7 +12,7 @@ Gaussian gradients, lr 0.02, momentum 0.95 (Nesterov), no weight decay. Implemen
   - optax.contrib.muon (NS5, fp32, MuonDimensionNumbers(1, 0) for torch layout) under jax.jit;
   - nanochat's MuonAdamW (Polar Express + NorMuon + MuonEq + Muon+, fp32 COMPUTE_DTYPE), its fused
     step run eagerly (or compiled with --compile), when NANOCHAT_OPTIM is set (benchmarks/outside.py);
-  - jax_reference.muon (NS5, fp32) under jax.jit, for reference (not an outside implementation).
+  - jax_reference.optim.muon (NS5, fp32) under jax.jit, for reference (not an outside implementation).
 All are timed interleaved (report.interleaved_times: one untimed warm-up step each, then
 `repeats` rounds of one step each); median, min and max. "speed-up" = fastest outside
 implementation's median / this one's. Quality: polar_error (.specs/orthogonalizers.md §7) of the
@@ -40,15 +40,15 @@ import numpy as np
 import optax
 import torch
 
-import jax_reference.muon as JM
-import torch_impl.muon as TM
+import jax_reference.optim.muon as JM
+import torch_impl.optim.muon as TM
 from benchmarks import outside
 from benchmarks.optimizer_step import jax_step, matrix_shapes, torch_params
 from benchmarks.orthogonalize import inputs
 from benchmarks.report import interleaved_times, positive_int
 from benchmarks.results import Suite, Table, cli_main, pyplot
-from torch_impl.optim import Muon
-from torch_impl.orthogonalize import NS5_COEFFS, exact_polar
+from torch_impl.optim.base import Muon
+from torch_impl.orthogonalizers.newton_schulz import NS5_COEFFS, exact_polar
 
 WIDTH = 768
 LR = 0.02
@@ -119,7 +119,7 @@ def cases(args, shapes, nanochat) -> list[Case]:
         out.append(Case(f"nanochat MuonAdamW fp32 ({mode})", "outside", "float32", make,
                         lambda X: outside.nanochat_orthogonalize(nanochat, torch.from_numpy(X))))
     jns = jax.jit(lambda X: JM.ORTHOGONALIZERS["newton_schulz"](X, steps=5, eps=1e-7, compute_dtype=jnp.float32))
-    out.append(Case("jax_reference.muon NS5 fp32 (jit)", "reference", "float32",
+    out.append(Case("jax_reference.optim.muon NS5 fp32 (jit)", "reference", "float32",
                     lambda: jax_step(JM.muon(LR, ns_dtype=jnp.float32, nonfinite="skip"), named(shapes)), jns))
     return out
 

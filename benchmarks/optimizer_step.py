@@ -2,15 +2,15 @@
 
 Parameter sets (nanochat sizing, width 64·depth, vocab 32768, untied embedding and lm_head):
 d12 (768 wide, 12 layers) and d20 (1280 wide, 20 layers); --quick uses depth 2, width 128,
-vocab 4096. The parameter shapes and their split come from the model itself (torch_impl.gpt on
+vocab 4096. The parameter shapes and their split come from the model itself (torch_impl.models.gpt on
 the meta device, optim.label_param). Families, each timed interleaved (report.interleaved_times):
 
-- Muon (the block matrices): ours (torch_impl.optim.Muon, stacked, batched NS) vs "torch.optim" =
-  torch.optim.Muon (a per-parameter loop) vs optax.contrib.muon and jax_reference.muon (jit);
+- Muon (the block matrices): ours (torch_impl.optim.base.Muon, stacked, batched NS) vs "torch.optim" =
+  torch.optim.Muon (a per-parameter loop) vs optax.contrib.muon and jax_reference.optim.muon (jit);
 - AdamW (embedding, lm_head, scalars): ours vs "torch.optim" = torch.optim.AdamW(foreach=True) and
-  "torch.optim, AdamW fused" = torch.optim.AdamW(fused=True) vs optax.adamw and jax_reference.adamw (jit);
+  "torch.optim, AdamW fused" = torch.optim.AdamW(fused=True) vs optax.adamw and jax_reference.optim.adamw (jit);
 - hybrid (all of them, nanochat's split and lrs): ours (optim.hybrid) vs torch.optim.Muon +
-  torch.optim.AdamW (foreach; fused) vs jax_reference.optim.hybrid (jit).
+  torch.optim.AdamW (foreach; fused) vs jax_reference.optim.hybrid.hybrid (jit).
 
 Gradients are fixed Gaussians; lrs as nanochat's; no weight decay. Muon's NS runs in bf16 where
 bf16 GEMM is native (CUDA, AVX512-BF16/AMX CPUs) — torch.optim.Muon always does — else in fp32
@@ -34,14 +34,14 @@ import numpy as np
 import optax
 import torch
 
-import jax_reference.adamw as JA
-import jax_reference.muon as JM
-import jax_reference.optim as JO
+import jax_reference.optim.adamw as JA
+import jax_reference.optim.hybrid as JO
+import jax_reference.optim.muon as JM
 from benchmarks import outside
 from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
-from torch_impl.gpt import GPT, GPTConfig
-from torch_impl.optim import AdamW, Muon, hybrid, label_param
+from torch_impl.models.gpt import GPT, GPTConfig
+from torch_impl.optim.base import AdamW, Muon, hybrid, label_param
 
 SETS = {"d12": (12, 768, 32768), "d20": (20, 1280, 32768), "quick": (2, 128, 4096)}  # depth, width, vocab
 FAMILIES = ("Muon", "AdamW", "hybrid")

@@ -4,7 +4,7 @@ Speed — wall time per call on a Gaussian input of each GPT matrix shape (d12: 
 768×3072; d20: 1280×1280, 5120×1280, 1280×5120; stacks 4×768×768 and 6×768×3072), of
   - torch_impl eager: muon.ORTHOGONALIZERS[name](X, steps=default_steps(name), eps=1e-7,
     compute_dtype=dtype), fp32 input (and torch.compile of it with --compile);
-  - jax.jit of jax_reference.muon.ORTHOGONALIZERS[name], the same arguments;
+  - jax.jit of jax_reference.optim.muon.ORTHOGONALIZERS[name], the same arguments;
   - optax's Newton-Schulz (NS5, the Polar Express table, AOL) under jax.jit; torch.optim.Muon's NS
     (bf16 inside); nanochat's fused Muon step run eagerly (its Polar Express *plus* momentum, MuonEq,
     Muon+, NorMuon and the update), when NANOCHAT_OPTIM is set (benchmarks/outside.py);
@@ -15,7 +15,7 @@ untimed warm-up call each, which includes jit/compile, then `repeats` rounds of 
 median, min and max are reported. GFLOP/s counts each method's matmul FLOPs (flops(); elementwise
 work is not counted), and "% matmul" divides by the faster plain-matmul rate at that shape.
 
-Quality — the §7 metrics (jax_reference.quality, fp64) of every output, on a Gaussian input and on
+Quality — the §7 metrics (jax_reference.orthogonalizers.quality, fp64) of every output, on a Gaussian input and on
 an ill-conditioned U·diag(logspace(0, −6))·Vᵀ, for the non-tall unstacked shapes (f(Xᵀ) = f(X)ᵀ).
 
     python -m benchmarks.orthogonalize --quick              # small shapes, ~15 s on 2 cores
@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-import jax_reference.muon as JM
-import torch_impl.muon as TM
+import jax_reference.optim.muon as JM
+import torch_impl.optim.muon as TM
 from benchmarks import outside
 from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
-from jax_reference.quality import METRICS, quality_metrics
-from torch_impl.gram_newton_schulz import RESTART_AFTER
+from jax_reference.orthogonalizers.quality import METRICS, quality_metrics
+from torch_impl.orthogonalizers.gram_newton_schulz import RESTART_AFTER
 
 DTYPES = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}
 FULL_SHAPES = ((768, 768), (3072, 768), (768, 3072), (1280, 1280), (5120, 1280), (1280, 5120),

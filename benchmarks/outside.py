@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import torch
 
-from torch_impl.orthogonalize import NS5_COEFFS, POLAR_EXPRESS_COEFFS
-from torch_impl.schedules import SCHEDULES
+from torch_impl.orthogonalizers.newton_schulz import NS5_COEFFS, POLAR_EXPRESS_COEFFS
+from torch_impl.orthogonalizers.schedules import SCHEDULES
 
 NANOCHAT_ENV = "NANOCHAT_OPTIM"
 

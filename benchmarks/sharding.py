@@ -5,9 +5,9 @@ different data on every rank, for each scheme:
 
 - zero2_step:     whole model on every rank; DistMuon / DistAdamW reduce_scatter the gradients
                   in the step (full gradients held until then, as nanochat does);
-- zero2_backward: the same optimizers with `reduce_in_backward` (torch_impl/backward_reduce.py):
+- zero2_backward: the same optimizers with `reduce_in_backward` (torch_impl/sharding/backward_reduce.py):
                   each bucket reduce_scattered during backward, its full gradients dropped;
-- fsdp:           FSDP2 (torch_impl/parallelize.py): parameters, gradients and state by rows;
+- fsdp:           FSDP2 (torch_impl/sharding/parallelize.py): parameters, gradients and state by rows;
                   Muon moves rows to owners and back with two all_to_alls per stack;
 - fsdp_torch_muon: the same FSDP2 model with torch.optim.Muon on the block matrices (DTensor's
                   implicit redistribution; ours for the AdamW parameters): the comparison point.
@@ -96,9 +96,9 @@ def padded_bytes(part, n: int) -> int:
 
 def measure_scheme(scheme: str, base, mesh, n: int, rank: int, cfg: dict) -> tuple[dict, list]:
     """One scheme on this rank: its median step time, bytes and held memory."""
-    from torch_impl.distributed import DTensorTraffic
-    from torch_impl.optim import hybrid, label_param
-    from torch_impl.parallelize import apply_fsdp
+    from torch_impl.optim.base import hybrid, label_param
+    from torch_impl.sharding.comm import DTensorTraffic
+    from torch_impl.sharding.parallelize import apply_fsdp
 
     model = copy.deepcopy(base)
     if scheme.startswith("fsdp") and mesh is not None:
@@ -156,8 +156,8 @@ def _worker(rank, n, port, cfg, results):
     join_group(rank, n, port)
     from torch.distributed.device_mesh import init_device_mesh
 
-    from torch_impl.gpt import GPT, GPTConfig
-    from torch_impl.optim import label_param
+    from torch_impl.models.gpt import GPT, GPTConfig
+    from torch_impl.optim.base import label_param
 
     torch.manual_seed(0)
     base = GPT(GPTConfig(sequence_len=cfg["seq"], vocab_size=cfg["vocab"], n_layer=cfg["depth"],

@@ -1,12 +1,12 @@
 """Muon vs AdamW: one GPT trained on the same tokens by AdamW alone and by Muon + AdamW with each orthogonalizer.
 
-Every run is the real training command, `torch_impl.train.main(argv)`, called in this process as a
+Every run is the real training command, `torch_impl.training.loop.main(argv)`, called in this process as a
 single rank (no torchrun, no process group): the nanochat GPT with byte tokens on the default
 corpus (the Python standard library's source), the same steps, batch, schedules and evaluation
 set. Only the optimizer of the block matrices changes between configurations:
 
 - adamw: `--optimizer adamw`, AdamW for every parameter (the baseline);
-- one configuration per orthogonalizer of torch_impl.muon.ORTHOGONALIZERS: the nanochat hybrid
+- one configuration per orthogonalizer of torch_impl.optim.muon.ORTHOGONALIZERS: the nanochat hybrid
   (Muon for the block matrices, AdamW for the embedding, lm_head and scalars) with
   `--orthogonalizer NAME` at its published step count (default_steps), computed in the trainer's
   --ns-dtype auto (float32 on CPU, bfloat16 on CUDA).
@@ -42,11 +42,11 @@ import torch
 
 from benchmarks.report import positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
-from torch_impl.gpt import GPT, GPTConfig
-from torch_impl.muon import ORTHOGONALIZERS, default_steps
-from torch_impl.plot import load_metrics, with_time
-from torch_impl.schedule import muon_momentum
-from torch_impl.train import main as train_main
+from torch_impl.models.gpt import GPT, GPTConfig
+from torch_impl.optim.muon import ORTHOGONALIZERS, default_steps
+from torch_impl.tools.plot import load_metrics, with_time
+from torch_impl.training.loop import main as train_main
+from torch_impl.training.lr_schedule import muon_momentum
 
 ADAMW = "adamw"  # the config name of the AdamW-only baseline; the others are orthogonalizer names
 

@@ -9,12 +9,12 @@ Timed interleaved (report.interleaved_times), each call blocking until done:
 - torch optimizer:     hybrid.step() on those gradients
 - torch orthogonalize: Muon's orthogonalizer alone on stacks of the block-matrix gradients, one
                        stack per shape as Muon batches them (its momentum and update not included)
-- jax train step:      jax.jit(value_and_grad(jax_reference.gpt.loss) + jax_reference.optim.hybrid
+- jax train step:      jax.jit(value_and_grad(jax_reference.models.gpt.loss) + jax_reference.optim.hybrid.hybrid
                        update + apply)
 
 torch step = fwd+bwd + optimizer; tokens/s = batch·seq_len / step; MFU = FLOPs per token
 (GPT.estimate_flops: 6·non-embedding params + attention) × tokens/s / peak. The peak on CUDA is the
-dense bf16 datasheet figure (torch_impl.device: 989 TFLOP/s for H100/H200 SXM); on CPU it is the
+dense bf16 datasheet figure (torch_impl.training.device: 989 TFLOP/s for H100/H200 SXM); on CPU it is the
 faster of torch's and XLA's measured fp32 1024³ matmul rate on all threads (best of 20), the same
 denominator for both frameworks. "orth share" = torch orthogonalize / torch step.
 
@@ -35,10 +35,10 @@ import torch
 
 from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
-from torch_impl.device import autocast, peak_flops
-from torch_impl.gpt import GPT, GPTConfig
-from torch_impl.muon import NS_EPS, ORTHOGONALIZERS, default_steps
-from torch_impl.optim import hybrid, label_param
+from torch_impl.models.gpt import GPT, GPTConfig
+from torch_impl.optim.base import hybrid, label_param
+from torch_impl.optim.muon import NS_EPS, ORTHOGONALIZERS, default_steps
+from torch_impl.training.device import autocast, peak_flops
 
 VOCAB = 257  # torch_impl.train's byte tokenizer
 ORTHOGONALIZER = "newton_schulz"
@@ -116,8 +116,8 @@ def jax_fn(depth: int, seq_len: int, batch: int, ns_dtype: str):
     import jax.numpy as jnp
     import optax
 
-    import jax_reference.gpt as JG
-    import jax_reference.optim as JO
+    import jax_reference.models.gpt as JG
+    import jax_reference.optim.hybrid as JO
 
     cfg = JG.GPTConfig(**config(depth, seq_len))
     params = JG.init_params(cfg, jax.random.PRNGKey(0))
@@ -241,7 +241,7 @@ def measure(args) -> Suite:
              f"{batch}, byte vocab {VOCAB}; Muon NS5 in {ns_dtype}. Median of {repeats} interleaved rounds after one "
              f"untimed warm-up call each (compilation excluded); the torch step's min/max are the sums of its parts'. "
              f"MFU against {peak_text}; it counts model FLOPs only, so the orthogonalizer's time is overhead. "
-             "The JAX step computes in fp32 throughout (jax_reference.gpt has no autocast; matmul precision "
+             "The JAX step computes in fp32 throughout (jax_reference.models.gpt has no autocast; matmul precision "
              "'highest'), so on CUDA it is not a like-for-like rival of the bf16-autocast torch step.")
     config = dict(device=device, seq_len=seq_len, batch=batch, compile=args.compile, ns_dtype=ns_dtype,
                   repeats=repeats, jax=args.jax)

@@ -2,7 +2,7 @@
 
 from parity_tests.mutation import Mutant
 
-ORTH = "torch_impl/orthogonalize.py"
+ORTH = "torch_impl/orthogonalizers/newton_schulz.py"
 ORTH_TESTS = ("parity_tests/test_orthogonalize_parity.py",)
 ORTH_SELECT = "fp32_both_frameworks"
 
@@ -18,7 +18,7 @@ MUTANTS = [
            "return X.to(compute_dtype)", ORTH_TESTS, ORTH_SELECT),
 ]
 
-MUON = "torch_impl/muon.py"
+MUON = "torch_impl/optim/muon.py"
 MUON_TESTS = ("parity_tests/test_muon_parity.py",)
 MUON_SELECT = "trajectory_torch_equals_jax"
 
@@ -55,38 +55,38 @@ DIST_ADAMW_SELECT = "identical_data_bitwise and adamw and not thorough"
 DIST_HYBRID_TESTS = ("tests/dist/test_dist_hybrid.py",)
 
 MUTANTS += [
-    Mutant("dist: gradients summed over ranks, not averaged", "torch_impl/distributed.py",
+    Mutant("dist: gradients summed over ranks, not averaged", "torch_impl/sharding/comm.py",
            "def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.AVG):",
            "def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.SUM):",
            DIST_MUON_TESTS, DIST_MUON_SELECT),
-    Mutant("dist: matrix owners disagree with the buffer layout", "torch_impl/placement.py",
+    Mutant("dist: matrix owners disagree with the buffer layout", "torch_impl/sharding/placement.py",
            "placements[stack[i]] = Owned(r) if world_size > 1 else Replicated()",
            "placements[stack[i]] = Owned(i % world_size) if world_size > 1 else Replicated()",
            # the edge cases hold a 5-matrix stack, whose contiguous runs differ from i % N
            DIST_MUON_TESTS, "edge_shapes and muon"),
-    Mutant("dist: AdamW rows gathered at the wrong offset", "torch_impl/optim.py",
+    Mutant("dist: AdamW rows gathered at the wrong offset", "torch_impl/optim/base.py",
            "p.copy_(out[:p.shape[0]])", "p.copy_(out[-p.shape[0]:])",
            DIST_ADAMW_TESTS, DIST_ADAMW_SELECT),
-    Mutant("fsdp2: AdamW steps the first rows of the gradient, not this rank's", "torch_impl/optim.py",
+    Mutant("fsdp2: AdamW steps the first rows of the gradient, not this rank's", "torch_impl/optim/base.py",
            "[p.grad.to_local() for p in mine], group)",
            "[p.grad.full_tensor()[:p.to_local().shape[0]] for p in mine], group)",
            ("tests/dist/test_fsdp2.py",), "adamw_on_fsdp2"),
-    Mutant("fsdp2: Muon sends every rank the first rows of the direction, not its own", "torch_impl/optim.py",
+    Mutant("fsdp2: Muon sends every rank the first rows of the direction, not its own", "torch_impl/optim/base.py",
            "send = torch.cat([O[:, start:end].reshape(-1) for start, end in self.bounds])",
            "send = torch.cat([O[:, :end - start].reshape(-1) for start, end in self.bounds])",
            ("tests/dist/test_fsdp2.py",), "muon_on_fsdp2 and plain"),
-    Mutant("fsdp2: Muon applies the direction to a copy, the parameter keeps its rows", "torch_impl/optim.py",
+    Mutant("fsdp2: Muon applies the direction to a copy, the parameter keeps its rows", "torch_impl/optim/base.py",
            "t.copy_(new.view_as(t))", "t.clone().copy_(new.view_as(t))",
            ("tests/dist/test_fsdp2.py",), "muon_on_fsdp2 and plain"),
-    Mutant("zero2 hooks: gradients dropped before their bucket is packed", "torch_impl/backward_reduce.py",
+    Mutant("zero2 hooks: gradients dropped before their bucket is packed", "torch_impl/sharding/backward_reduce.py",
            "            reduction = self.opt.launch_reduction(b, self.opt.comm)\n",
            "            for q in self.buckets[b]:\n                q.grad = None\n"
            "            reduction = self.opt.launch_reduction(b, self.opt.comm)\n",
            ("tests/dist/test_backward_reduce.py",), "equals_reduce_in_step"),
-    Mutant("zero2 hooks: full gradients kept after their bucket is sent", "torch_impl/backward_reduce.py",
+    Mutant("zero2 hooks: full gradients kept after their bucket is sent", "torch_impl/sharding/backward_reduce.py",
            "                q.grad = None", "                pass",
            ("tests/dist/test_backward_reduce.py",), "equals_reduce_in_step"),
-    Mutant("dist: non-owners keep their stale matrices", "torch_impl/optim.py",
+    Mutant("dist: non-owners keep their stale matrices", "torch_impl/optim/base.py",
            "p.copy_(out[slot].view_as(p))",
            "p.copy_(out[slot].view_as(p)) if self.placement(p).holds(rank) else None",
            DIST_HYBRID_TESTS, "churn"),
@@ -98,13 +98,13 @@ ZOO_SELECT = "fp32_both_frameworks"
 ZOO_MUON_SELECT = "variant_trajectory"
 
 MUTANTS += [
-    Mutant("gram ns: Q multiplied by R instead of Z", "torch_impl/gram_newton_schulz.py",
+    Mutant("gram ns: Q multiplied by R instead of Z", "torch_impl/orthogonalizers/gram_newton_schulz.py",
            "Q = torch.baddbmm(Q, Q, Z, beta=a, alpha=1.0)",
            "Q = torch.baddbmm(Q, Q, R, beta=a, alpha=1.0)", ZOO_TESTS, ZOO_SELECT),
-    Mutant("aol: Gram matrix rescaled on one side only", "torch_impl/aol.py",
+    Mutant("aol: Gram matrix rescaled on one side only", "torch_impl/orthogonalizers/aol.py",
            "A = (d.unsqueeze(-1) * A.to(acc) * d.unsqueeze(-2)).to(compute_dtype)",
            "A = (d.unsqueeze(-1) * A.to(acc)).to(compute_dtype)", ZOO_TESTS, ZOO_SELECT),
-    Mutant("cubic: a and b swapped", "torch_impl/schedules.py",
+    Mutant("cubic: a and b swapped", "torch_impl/orthogonalizers/schedules.py",
            "X = torch.baddbmm(X, A.mT, X, beta=a, alpha=b)",
            "X = torch.baddbmm(X, A.mT, X, beta=b, alpha=a)", ZOO_TESTS, ZOO_SELECT),
     Mutant("muoneq: columns equilibrated instead of rows", MUON,

@@ -22,10 +22,10 @@ from tests.dist.test_sharded_equals_single_device import (
 
 
 def test_dist_muon_different_data_matches_jax_reference(rank_groups):
-    """The same run at N=3 against jax_reference.muon fed the fp32 mean gradients."""
+    """The same run at N=3 against jax_reference.optim.muon fed the fp32 mean gradients."""
     jnp = pytest.importorskip("jax.numpy")
     optax = pytest.importorskip("optax")
-    from jax_reference.muon import muon as jax_muon
+    from jax_reference.optim.muon import muon as jax_muon
 
     DIFF_KW = MUON_DIFF_KW
     n, steps = 3, 3
@@ -48,7 +48,7 @@ def test_dist_muon_different_data_matches_jax_reference(rank_groups):
 def test_dist_adamw_different_data_matches_jax_reference(rank_groups):
     jnp = pytest.importorskip("jax.numpy")
     optax = pytest.importorskip("optax")
-    from jax_reference.adamw import adamw as jax_adamw
+    from jax_reference.optim.adamw import adamw as jax_adamw
 
     DIFF_KW = ADAMW_DIFF_KW
     n, steps = 3, 3
@@ -60,14 +60,14 @@ def test_dist_adamw_different_data_matches_jax_reference(rank_groups):
     for gs in out["means"]:
         updates, state = tx.update([jnp.asarray(g.numpy()) for g in gs], state, jp)
         jp = optax.apply_updates(jp, updates)
-    # plus optax's fp32 bias correction (jax_reference/adamw.py: ~6e-7 relative for b2 = 0.95)
+    # plus optax's fp32 bias correction (jax_reference/optim/adamw.py: ~6e-7 relative for b2 = 0.95)
     tol = adam_tolerance(n, steps, DIFF_KW["lr"]) + steps * DIFF_KW["lr"] * 1e-6
     for p, q in zip(out["final"], jp):
         good, err = close(p, torch.tensor(jnp.asarray(q).tolist()), tol)
         assert good, f"{tuple(p.shape)}: |DistAdamW - jax adamw| = {err:.3g} > {tol:.3g}"
 
 
-# ---- the sharded step in both frameworks: torch FSDP2 vs jax_reference.sharded ---------------------
+# ---- the sharded step in both frameworks: torch FSDP2 vs jax_reference.sharding.sharded ---------------------
 # The same fp32 matrices, sharded by rows over N ranks / devices (dims 0 not divisible by N and
 # smaller than N, a 32×1, a 4-D kernel), the same exact gradients: torch's Muon on FSDP2
 # DTensors (gloo ranks) against jax_reference's sharded_muon on a Mesh of N CPU devices.
@@ -81,7 +81,7 @@ SHARDED_KW = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, cauti
 
 def case_fsdp2_muon_trajectory(steps):
     from tests.dist.test_fsdp2 import step_pair
-    from torch_impl.optim import DistMuon, Muon
+    from torch_impl.optim.base import DistMuon, Muon
     params, _, _, _ = step_pair(SHARDED_SPECS, DistMuon, Muon, dict(SHARDED_KW, ns_dtype=torch.float32), steps, 31)
     return [p.full_tensor().detach() for p in params]
 
@@ -90,7 +90,7 @@ def case_fsdp2_muon_trajectory(steps):
 def test_fsdp2_muon_matches_jax_sharded_step(rank_groups, n):
     jax = pytest.importorskip("jax")
     jnp, optax = pytest.importorskip("jax.numpy"), pytest.importorskip("optax")
-    from jax_reference.sharded import row_mesh, shard_rows, sharded_muon, unshard_rows
+    from jax_reference.sharding.sharded import row_mesh, shard_rows, sharded_muon, unshard_rows
     from parity_tests.test_muon_parity import muon_tolerance
     from tests.dist.common import exact_randn, make_params
 
@@ -113,7 +113,7 @@ def test_fsdp2_muon_matches_jax_sharded_step(rank_groups, n):
         # the torch-vs-JAX fp32 trajectory bound of test_muon_parity.py (NS rounding amplified by
         # Π|a_k|, ×3 for NorMuon's rescaling, summed over the steps): sharding adds no error of
         # its own, since both sharded steps equal their single-device steps (tests/dist,
-        # tests/jax_reference/test_sharded.py)
+        # tests/jax_reference/sharding/test_sharded.py)
         tol = muon_tolerance(dict(steps=steps, orth="newton_schulz", lr=SHARDED_KW["lr"], scale="max_ratio",
                                   normuon=0.95), tuple(p.shape))
         np.testing.assert_allclose(p.numpy(), np.asarray(q), rtol=0, atol=tol, err_msg=str(tuple(p.shape)))

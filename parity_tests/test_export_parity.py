@@ -9,7 +9,7 @@ i.e. ~1e-5 absolute for pre-softcap logits of size ~10 (the lm_head below is dra
 reach into the softcap's nonlinear range), so torch vs JAX differ by ~2e-5 at most; measured: <= 8.3e-6
 over 6 draws. atol 1e-4 leaves >= 5x margin, while an export bug (a transposed matrix, a dropped or
 renamed tensor, bf16 rounding ~4e-3 relative) moves logits by 1e-2 or more. The same 1e-4 is
-tests/jax_reference/test_gpt.py's bound.
+tests/jax_reference/models/test_gpt.py's bound.
 """
 
 import math
@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import jax_reference.gpt as J
+import jax_reference.models.gpt as J
 from tests.train.common import check, run
-from torch_impl.checkpoint import load_model
-from torch_impl.export import export_safetensors, read_config
-from torch_impl.gpt import GPT, GPTConfig
+from torch_impl.models.gpt import GPT, GPTConfig
+from torch_impl.tools.export import export_safetensors, read_config
+from torch_impl.training.checkpoint import load_model
 
 ATOL = 1e-4
 

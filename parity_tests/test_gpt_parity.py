@@ -1,4 +1,4 @@
-"""torch_impl.gpt vs jax_reference.gpt: logits, loss and every parameter gradient in fp32,
+"""torch_impl.models.gpt vs jax_reference.models.gpt: logits, loss and every parameter gradient in fp32,
 and a short hybrid-optimizer training run in both frameworks from the same init and batches.
 
 Tolerances. Each framework was measured against its own float64 re-derivation of the spec
@@ -18,10 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import jax_reference.gpt as JG
-import jax_reference.optim as JO
-from torch_impl.gpt import GPT, GPTConfig
-from torch_impl.optim import hybrid, label_param
+import jax_reference.models.gpt as JG
+import jax_reference.optim.hybrid as JO
+from torch_impl.models.gpt import GPT, GPTConfig
+from torch_impl.optim.base import hybrid, label_param
 
 LOGIT_ATOL = 3e-4
 # 30× the measured worst (3e-6 over the CI examples): fp32 backward through ≤ 3 layers.

@@ -1,11 +1,11 @@
-"""torch_impl.orthogonalize vs jax_reference.orthogonalize vs exact fp64 oracles.
+"""torch_impl.orthogonalizers.newton_schulz vs jax_reference.orthogonalizers.newton_schulz vs exact fp64 oracles.
 
 fp32: both frameworks against the polynomial oracle, and against each other.
 bf16: each framework against the oracle on the bf16-rounded input, never elementwise
 torch-vs-JAX (see tolerances.py). Plus properties checked against fp64 oracles on both
 implementations with the same inputs and tolerances, and the NS inside torch.optim.Muon and
 optax.contrib.muon. Bad-input errors are each framework's own unit tests
-(tests/torch_impl/test_orthogonalize.py, tests/jax_reference/test_orthogonalize.py)."""
+(tests/torch_impl/orthogonalizers/test_newton_schulz.py, tests/jax_reference/orthogonalizers/test_newton_schulz.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import jax_reference.orthogonalize as J
-import torch_impl.orthogonalize as T
+import jax_reference.orthogonalizers.newton_schulz as J
+import torch_impl.orthogonalizers.newton_schulz as T
 from parity_tests.inputs import build_matrix, matrix_specs, rel_fro
 from parity_tests.tolerances import BF16_BAND, BF16_SPECTRUM_FLOOR, FP32_UNIT_ROUNDOFF, fp32_tolerance
 

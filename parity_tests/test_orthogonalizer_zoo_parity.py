@@ -18,20 +18,20 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from optax.contrib import _muon as optax_muon
 
-import jax_reference.aol as JAOL
-import jax_reference.muon as JM
-import torch_impl.aol as TAOL
-import torch_impl.muon as TM
-import torch_impl.orthogonalize as TO
+import jax_reference.optim.muon as JM
+import jax_reference.orthogonalizers.aol as JAOL
+import torch_impl.optim.muon as TM
+import torch_impl.orthogonalizers.aol as TAOL
+import torch_impl.orthogonalizers.newton_schulz as TO
 from parity_tests.inputs import build_matrix, matrix_specs, rel_fro
 from parity_tests.lockstep import lockstep, trajectory_inputs
 from parity_tests.tolerances import BF16_BAND, BF16_SPECTRUM_FLOOR
 from parity_tests.tolerances import FP32_UNIT_ROUNDOFF as U
 from tests.rounding_bounds import gram_condition, ns_condition, tolerance
-from torch_impl.gram_newton_schulz import RESTART_AFTER
-from torch_impl.muon import shape_scale
-from torch_impl.optim import Muon
-from torch_impl.schedules import SCHEDULES
+from torch_impl.optim.base import Muon
+from torch_impl.optim.muon import shape_scale
+from torch_impl.orthogonalizers.gram_newton_schulz import RESTART_AFTER
+from torch_impl.orthogonalizers.schedules import SCHEDULES
 
 NAMES = tuple(TM.ORTHOGONALIZERS)
 
@@ -79,7 +79,7 @@ def oracle(G: np.ndarray, name: str) -> np.ndarray:
 def test_both_frameworks_register_the_same_methods_with_the_same_schedules():
     assert tuple(TM.ORTHOGONALIZERS) == tuple(JM.ORTHOGONALIZERS)
     assert TM.ORTHOGONALIZER_SCHEDULES == JM.ORTHOGONALIZER_SCHEDULES
-    from jax_reference.schedules import SCHEDULES as JS  # the data, written twice: must agree exactly
+    from jax_reference.orthogonalizers.schedules import SCHEDULES as JS  # the data, written twice: must agree exactly
     assert {k: tuple(v) for k, v in SCHEDULES.items()} == {k: tuple(v) for k, v in JS.items()}
 
 

@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from torch_impl.muon import as_matrix_shape, shape_scale
-from torch_impl.orthogonalize import NS5_COEFFS, POLAR_EXPRESS_COEFFS, coefficient_schedule
+from torch_impl.optim.muon import as_matrix_shape, shape_scale
+from torch_impl.orthogonalizers.newton_schulz import NS5_COEFFS, POLAR_EXPRESS_COEFFS, coefficient_schedule
 
 U = 2.0**-24
 

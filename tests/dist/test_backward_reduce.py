@@ -1,4 +1,4 @@
-"""ZeRO-2 in backward (torch_impl/backward_reduce.py) in 1–4 gloo ranks.
+"""ZeRO-2 in backward (torch_impl/sharding/backward_reduce.py) in 1–4 gloo ranks.
 
 The hooks launch the same reduce_scatter of the same packed buffer as the step would, only
 earlier, so a run with `reduce_in_backward()` on the last micro-batch must equal the run
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.gpt import GPT, GPTConfig
-from torch_impl.nonfinite import NonFiniteGradientError
-from torch_impl.optim import hybrid
+from torch_impl.models.gpt import GPT, GPTConfig
+from torch_impl.optim.base import hybrid
+from torch_impl.optim.nonfinite import NonFiniteGradientError
 
 KW = dict(model_dim=32, weight_decay=0.05, ns_dtype=torch.float32, normuon_beta2=0.95)
 
@@ -85,7 +85,7 @@ def test_bf16_wire_in_backward_equals_bf16_wire_in_step_bitwise(rank_groups, n):
 def case_bf16_wire_halves_the_bytes_and_rounds():
     """The wire format is what it says: half the reduce_scatter bytes, and gradients that are
     not bf16-representable arrive rounded (the result differs from the fp32 wire's)."""
-    from torch_impl.optim import AdamW
+    from torch_impl.optim.base import AdamW
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)

@@ -10,8 +10,8 @@ import torch
 
 from tests.dist.common import exact_randn
 from tests.dist.harness import all_ranks_agree, rank
-from torch_impl.nonfinite import NonFiniteGradientError
-from torch_impl.optim import DistAdamW, DistMuon, hybrid
+from torch_impl.optim.base import DistAdamW, DistMuon, hybrid
+from torch_impl.optim.nonfinite import NonFiniteGradientError
 
 
 def named_model():
@@ -128,7 +128,7 @@ def test_gradient_on_some_ranks_only_raises_on_every_rank(rank_groups, n):
 def case_construction_mistakes():
     """add_param_group on a sharded optimizer, and a hybrid whose parts use different groups
     (its single check would not cover the sharded part): ValueError on every rank."""
-    from torch_impl.optim import AdamW, HybridOptimizer, Muon
+    from torch_impl.optim.base import AdamW, HybridOptimizer, Muon
     for cls in (DistMuon, DistAdamW):
         opt = cls([torch.nn.Parameter(exact_randn((8, 8), 1))])
         extra = dict(params=[torch.nn.Parameter(exact_randn((8, 8), 2))])
@@ -149,9 +149,9 @@ def case_save_fails_on_one_rank(path):
     """A write fails on rank 1 only: the save fails on every rank (CheckpointError), nothing is left."""
     from pathlib import Path
 
-    from torch_impl import checkpoint
-    from torch_impl.gpt import GPT, GPTConfig
-    from torch_impl.tokenizer import ByteTokenizer
+    from torch_impl.data.tokenizer import ByteTokenizer
+    from torch_impl.models.gpt import GPT, GPTConfig
+    from torch_impl.training import checkpoint
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=16, vocab_size=257, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
     opt = hybrid(model.named_parameters(), distributed=True)

@@ -1,5 +1,5 @@
 """hybrid(distributed=True) end to end: gradient accumulation, state_dict, checkpoints that
-change world size (torch_impl/opt_checkpoint.py), consolidation.
+change world size (torch_impl/sharding/optimizer_checkpoint.py), consolidation.
 
 Every comparison here is bit for bit: gradients are exact (see each case), DistMuon and
 DistAdamW then do the single-device arithmetic (test_sharded_equals_single_device.py), and a
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from tests.dist.common import exact_randn
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.opt_checkpoint import consolidated_state, load_optimizer, read_meta, save_optimizer
-from torch_impl.optim import hybrid
+from torch_impl.optim.base import hybrid
+from torch_impl.sharding.optimizer_checkpoint import consolidated_state, load_optimizer, read_meta, save_optimizer
 
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -17,8 +17,8 @@ import torch
 
 from tests.dist.common import clone_params, exact_randn, make_params
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
-from torch_impl.placement import Rows, ShardedRows, owner_counts
+from torch_impl.optim.base import AdamW, DistAdamW, DistMuon, Muon
+from torch_impl.sharding.placement import Rows, ShardedRows, owner_counts
 
 F32, BF16 = torch.float32, torch.bfloat16
 # 5 rows: N = 2, 3, 4 do not divide; (1, 8) and (3, 4): fewer rows than ranks; bf16 and 1-D too
@@ -141,7 +141,7 @@ def test_muon_on_fsdp2_parameters_equals_single_device_bitwise(rank_groups, n, k
 def test_muon_fsdp2_owner_counts_are_the_cost_balanced_ones():
     """The layout of MUON_SPECS at 3 ranks, by hand: stacks by cost, remainders to the least
     loaded ranks (placement.owner_counts), each owner a contiguous run of its stack."""
-    from torch_impl.placement import muon_layouts, ns_cost
+    from torch_impl.sharding.placement import muon_layouts, ns_cost
     stacks = [(0, [p for p in make_params(MUON_SPECS) if (tuple(p.shape), p.dtype) == (shape, dtype)])
               for shape, dtype in [((5, 16), F32), ((1, 8), F32), ((32, 1), F32), ((12, 10), BF16),
                                    ((12, 10), F32), ((6, 3, 2, 2), F32)]]
@@ -223,7 +223,7 @@ def fsdp2_steps(params, opt, steps_range, device_mesh=None):
 
 
 def case_save_fsdp2(path, steps):
-    from torch_impl.opt_checkpoint import consolidated_state, save_optimizer
+    from torch_impl.sharding.optimizer_checkpoint import consolidated_state, save_optimizer
     m = mesh()
     params = as_fsdp2(make_params(SPECS), m)
     opt = DistAdamW(params, **KW)
@@ -241,7 +241,7 @@ def case_save_fsdp2(path, steps):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_checkpoint_saved_on_fsdp2_resumes_on_one_process(rank_groups, tmp_path, n):
-    from torch_impl.opt_checkpoint import load_optimizer
+    from torch_impl.sharding.optimizer_checkpoint import load_optimizer
     path = str(tmp_path / "opt")
     saved = rank_groups(n).run(case_save_fsdp2, path, 2)[0]
     params = [torch.nn.Parameter(t.clone()) for t in saved]
@@ -262,8 +262,8 @@ def test_checkpoint_saved_on_fsdp2_resumes_on_one_process(rank_groups, tmp_path,
 def gpt_pair(checkpointing: bool):
     import copy
 
-    from torch_impl.gpt import GPT, GPTConfig
-    from torch_impl.parallelize import apply_activation_checkpointing, apply_fsdp
+    from torch_impl.models.gpt import GPT, GPTConfig
+    from torch_impl.sharding.parallelize import apply_activation_checkpointing, apply_fsdp
     torch.manual_seed(0)
     # n_kv_head < n_head: c_k / c_v form their own (16, 32) stack next to the (32, 32) one
     ref = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
@@ -275,8 +275,8 @@ def gpt_pair(checkpointing: bool):
 
 
 def case_gpt_hybrid_on_fsdp2(steps, accum, checkpointing):
-    from torch_impl.optim import hybrid
-    from torch_impl.orthogonalize import newton_schulz
+    from torch_impl.optim.base import hybrid
+    from torch_impl.orthogonalizers.newton_schulz import newton_schulz
     model, ref = gpt_pair(checkpointing)
     seen = [0]
 
@@ -298,7 +298,7 @@ def case_gpt_hybrid_on_fsdp2(steps, accum, checkpointing):
             o.step()
             o.zero_grad()
     named_ref = dict(ref.named_parameters())
-    from torch_impl.optim import canonical_name
+    from torch_impl.optim.base import canonical_name
     ok = all(torch.equal(p.full_tensor(), named_ref[canonical_name(name)]) for name, p in model.named_parameters())
     muon = opt.optimizers["muon"]
     owned = sum(1 for g in muon.param_groups for p in g["params"] if muon.placement(p).holds(rank()))
@@ -348,8 +348,8 @@ def case_fsdp2_checkpoint(path, save_steps, total, save: bool):
     import torch.distributed.checkpoint as dcp
 
     from tests.dist.test_dist_hybrid import KW, reference, same_state
-    from torch_impl.opt_checkpoint import consolidated_state, load_optimizer, save_optimizer
-    from torch_impl.optim import hybrid
+    from torch_impl.optim.base import hybrid
+    from torch_impl.sharding.optimizer_checkpoint import consolidated_state, load_optimizer, save_optimizer
     device_mesh = mesh() if world_size() > 1 else None
     model = fsdp2_model(device_mesh)
     opt = hybrid(model.items(), distributed=device_mesh is not None, **KW)
@@ -402,7 +402,7 @@ TORCH_MUON_SHAPES = [(16, 16), (8, 24), (24, 16), (32, 1), (1, 8)]
 def case_torch_muon_on_fsdp2():
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from torch_impl.distributed import DTensorTraffic
+    from torch_impl.sharding.comm import DTensorTraffic
     m, n = mesh(), world_size()
     out = {}
     for i, shape in enumerate(TORCH_MUON_SHAPES):

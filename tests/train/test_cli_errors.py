@@ -1,6 +1,6 @@
 """Bad invocations of the training CLI: a clear message, exit code 2, and nothing written.
 
-Most cases call torch_impl.train.main in-process (it never touches a process group without torchrun's
+Most cases call torch_impl.training.loop.main in-process (it never touches a process group without torchrun's
 environment); one goes through torchrun with 2 ranks to check that the failure propagates there too.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_impl.train import main
+from torch_impl.training.loop import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--steps", "2", "--max-corpus-bytes", "50000"]
@@ -117,7 +117,7 @@ def test_torchrun_two_ranks_bad_data_fails(tmp_path):
 def test_orthogonalizer_flags_are_checked_only_when_muon_runs():
     """--optimizer adamw builds no Muon: its --orthogonalizer / --ns-steps are not refused (they would be
     with the hybrid, the `unsupported ns steps` case above)."""
-    from torch_impl.config import TrainConfig, UsageError
+    from torch_impl.training.config import TrainConfig, UsageError
 
     TrainConfig.from_argv(["--optimizer", "adamw", "--orthogonalizer", "cubic", "--ns-steps", "4"]).validate()
     with pytest.raises(UsageError, match="steps = 5 only"):

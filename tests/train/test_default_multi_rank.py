@@ -1,6 +1,6 @@
 """The default multi-GPU configuration, end to end: several ranks, --sharding zero2, gradient
 accumulation > 1 and no --grad-clip, so every rank reduce_scatters its gradients during the
-last micro-batch's backward (torch_impl/backward_reduce.py) and drops the full ones. The same
+last micro-batch's backward (torch_impl/sharding/backward_reduce.py) and drops the full ones. The same
 with --sharding fsdp (FSDP2 reduces in backward by itself). Each must follow the one-rank run
 of the same global batch step by step: the loader gives rank r of N chunk s·N + r of the token
 stream, so 2 ranks × 2 micro-batches read the chunks 1 rank × 4 micro-batches reads.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.train.common import TINY, check, metrics, run
-from torch_impl.checkpoint import load_model
+from torch_impl.training.checkpoint import load_model
 
 ARGS = [*TINY, "--steps", "6", "--eval-every", "3", "--grad-clip", "1.0", "--total-batch-size", "512"]
 FSDP = ["--sharding", "fsdp", "--activation-checkpointing"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from torch_impl.plot import PlotError, load_metrics, main, series, with_time
+from torch_impl.tools.plot import PlotError, load_metrics, main, series, with_time
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

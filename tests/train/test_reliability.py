@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.train.common import REPO, TINY, check, env, metrics, run
-from torch_impl.checkpoint import list_checkpoints
-from torch_impl.train import main
+from torch_impl.training.checkpoint import list_checkpoints
+from torch_impl.training.loop import main
 
 ARGS = [*TINY, "--steps", "5", "--eval-every", "0"]
 
@@ -67,7 +67,7 @@ class PoisonAt:
     """Make the loss NaN at one training step (micro-batch count), from inside the process."""
 
     def __init__(self, monkeypatch, at_call: int):
-        from torch_impl import gpt
+        from torch_impl.models import gpt
         forward, calls = gpt.GPT.forward, [0]
 
         def poisoned(model, idx, targets=None, **kw):
@@ -259,7 +259,7 @@ def test_a_failed_save_is_removed_and_reported(tmp_path, monkeypatch, capsys):
     still verifies."""
     import errno
 
-    from torch_impl import checkpoint
+    from torch_impl.training import checkpoint
     calls, rng_state = [0], checkpoint._rng_state
 
     def full_disk():

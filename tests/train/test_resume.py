@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.train.common import TINY, check, metrics, run
-from torch_impl.checkpoint import list_checkpoints, load_model
+from torch_impl.training.checkpoint import list_checkpoints, load_model
 
 # 512 tokens per step = 4 x 64 on each of 2 ranks, or 2 accumulated micro-batches on 1 rank: the same
 # tokens either way, so the 1-rank continuation follows the same trajectory up to rounding

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.train.common import TINY, TRAINED_ARGS, TRAINED_STEPS, check, metrics, run, tree
-from torch_impl.checkpoint import load_model
-from torch_impl.sample import generate_text
-from torch_impl.train import main
+from torch_impl.tools.sample import generate_text
+from torch_impl.training.checkpoint import load_model
+from torch_impl.training.loop import main
 
 STEPS = TRAINED_STEPS
 ARGS = TRAINED_ARGS
@@ -116,7 +116,7 @@ def test_adamw_only_with_bpe_stops_and_resumes(tmp_path, capsys):
 @pytest.mark.parametrize("where", ["a directory", "under a file"])
 def test_export_to_a_bad_path_exits_2_and_writes_nothing(trained, tmp_path, capsys, where):
     """Checked before the checkpoint is loaded; no hidden temporary file is left behind."""
-    from torch_impl.export import main as export_main
+    from torch_impl.tools.export import main as export_main
     out_dir, _ = trained
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
