@@ -38,13 +38,14 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 def rank_groups():
     """One pool of 4 worker processes for the whole session (tests/dist and the
     distributed parity tests): `rank_groups(n)` gives a gloo group of size n on its first n
-    workers (re-formed in ~0.5 s when n changes; starting the pool imports torch once, in a
+    workers (`rank_groups(n, "cuda:gloo")`: a gloo group with only a CUDA backend, as NCCL has; re-formed in
+    ~0.5 s when n or the backend changes; starting the pool imports torch once, in a
     forkserver the workers are forked from, so it is paid once). Case functions run in the ranks are sent by module
     and name (tests/dist/harness.py), so they live in importable modules, not in a conftest."""
     from tests.dist.harness import RankGroup, RankPool
 
     pool = RankPool(4)
-    yield lambda n: RankGroup(pool, n)
+    yield lambda n, backend="gloo": RankGroup(pool, n, backend)
     pool.close()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import FULL_THRESHOLD, QUICK_THRESHOLD
+from benchmarks.compare import FULL_THRESHOLD, QUICK_THRESHOLD, against
 from benchmarks.results import ResultsError, Suite, load_results, run_suite, write_folder
 
 # name: (module, what it measures). Each module has parser() (with --quick) and measure(args) -> Suite,
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda: no CUDA device is visible here; the suites that take a device were skipped")
     data = write_folder(args.out, suites, sys.argv[1:] if argv is None else list(argv), args.quick,
-                        compare_with=None if old is None else (old, args.threshold, str(args.compare)))
+                        compare_with=None if old is None else against(old, args.threshold, str(args.compare)))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'report.md'}"
           + "".join(f", {args.out / p}" for s in data["suites"] for p in s["plots"]))
     for e in errors:

@@ -138,6 +138,15 @@ def compare_markdown(c: dict) -> str:
     return "\n".join(md)
 
 
+def against(old: dict, threshold: float | None, path: str):
+    """For results.write_folder's compare_with: this run's results -> (the comparison with `old`
+    (load_results checked its structure), its Markdown section)."""
+    def compare_with(new: dict) -> tuple[dict, str]:
+        c = compare(old, new, threshold, path)
+        return c, compare_markdown(c)
+    return compare_with
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
     p.add_argument("old", type=Path, help="the earlier run's results.json")

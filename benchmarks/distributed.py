@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.report import positive_int
+from benchmarks.harness import positive_int
 from benchmarks.results import Suite, Table, cli_main, pyplot
 
 
@@ -101,7 +101,7 @@ def join_group(rank: int, n: int, port: int) -> None:
 
 def _worker(rank, n, port, cfg, results):
     join_group(rank, n, port)
-    from torch_impl.optim.base import AdamW, DistAdamW, DistMuon, Muon
+    from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
     from torch_impl.sharding.placement import ns_cost
 
     def make(shapes, seed):

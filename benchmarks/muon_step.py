@@ -41,13 +41,15 @@ import optax
 import torch
 
 import jax_reference.optim.muon as JM
-import torch_impl.optim.muon as TM
+import jax_reference.orthogonalizers.registry as JR
+import torch_impl.orthogonalizers.balance as TB
+import torch_impl.orthogonalizers.registry as TR
 from benchmarks import outside
+from benchmarks.harness import interleaved_times, positive_int
 from benchmarks.optimizer_step import jax_step, matrix_shapes, torch_params
 from benchmarks.orthogonalize import inputs
-from benchmarks.report import interleaved_times, positive_int
 from benchmarks.results import Suite, Table, cli_main, pyplot
-from torch_impl.optim.base import Muon
+from torch_impl.optim import Muon
 from torch_impl.orthogonalizers.newton_schulz import NS5_COEFFS, exact_polar
 
 WIDTH = 768
@@ -85,15 +87,15 @@ def cases(args, shapes, nanochat) -> list[Case]:
     for dtype in args.ns_dtype:
         tdt = getattr(torch, dtype)
         for name in args.methods:
-            steps = TM.default_steps(name)
-            orth = TM.resolve_orthogonalizer(name, steps, tdt)
+            steps = TR.default_steps(name)
+            orth = TR.resolve_orthogonalizer(name, steps, tdt)
             for compiled in (False, True) if args.compile else (False,):
                 make = lambda n=name, k=steps, c=compiled, d=tdt: Muon(
                     torch_params(shapes), lr=LR, orthogonalizer=n, ns_steps=k, ns_dtype=d, compile=c).step
                 out.append(Case(f"torch_impl Muon, {name}, {dtype}" + (" (compile)" if compiled else ""), "ours",
                                 dtype, make, lambda X, f=orth: f(torch.from_numpy(X))))
         if "polar_express" in args.methods:
-            eq = TM.balanced(TM.resolve_orthogonalizer("polar_express", 5, tdt), True, True)
+            eq = TB.balanced(TR.resolve_orthogonalizer("polar_express", 5, tdt), True, True)
             make = lambda d=tdt: Muon(torch_params(shapes), lr=LR, orthogonalizer="polar_express", ns_dtype=d,
                                       normuon_beta2=0.95, row_equilibration=True, frobenius_renormalization=True).step
             out.append(Case(f"torch_impl Muon, polar_express + NorMuon + MuonEq + Muon+, {dtype}", "ours", dtype,
@@ -118,7 +120,7 @@ def cases(args, shapes, nanochat) -> list[Case]:
             return step
         out.append(Case(f"nanochat MuonAdamW fp32 ({mode})", "outside", "float32", make,
                         lambda X: outside.nanochat_orthogonalize(nanochat, torch.from_numpy(X))))
-    jns = jax.jit(lambda X: JM.ORTHOGONALIZERS["newton_schulz"](X, steps=5, eps=1e-7, compute_dtype=jnp.float32))
+    jns = jax.jit(lambda X: JR.ORTHOGONALIZERS["newton_schulz"](X, steps=5, eps=1e-7, compute_dtype=jnp.float32))
     out.append(Case("jax_reference.optim.muon NS5 fp32 (jit)", "reference", "float32",
                     lambda: jax_step(JM.muon(LR, ns_dtype=jnp.float32, nonfinite="skip"), named(shapes)), jns))
     return out
@@ -136,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="1 layer of width 256, 3 rounds")
     p.add_argument("--layers", type=positive_int, default=None, help="blocks of 6 matrices (default 4; 1 with --quick)")
     p.add_argument("--width", type=positive_int, default=None, help=f"model width (default {WIDTH}; 256 with --quick)")
-    p.add_argument("--methods", nargs="+", default=list(TM.ORTHOGONALIZERS), choices=list(TM.ORTHOGONALIZERS))
+    p.add_argument("--methods", nargs="+", default=list(TR.ORTHOGONALIZERS), choices=list(TR.ORTHOGONALIZERS))
     p.add_argument("--ns-dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
                    help="ours' NS compute dtype(s)")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds (default 5; 3 with --quick)")

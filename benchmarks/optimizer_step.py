@@ -38,10 +38,11 @@ import jax_reference.optim.adamw as JA
 import jax_reference.optim.hybrid as JO
 import jax_reference.optim.muon as JM
 from benchmarks import outside
-from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
+from benchmarks.harness import block, interleaved_times, jax_on, positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.optim.base import AdamW, Muon, hybrid, label_param
+from torch_impl.optim import AdamW, Muon, hybrid
+from torch_impl.optim.hybrid import label_param
 
 SETS = {"d12": (12, 768, 32768), "d20": (20, 1280, 32768), "quick": (2, 128, 4096)}  # depth, width, vocab
 FAMILIES = ("Muon", "AdamW", "hybrid")

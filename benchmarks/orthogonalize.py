@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-import jax_reference.optim.muon as JM
-import torch_impl.optim.muon as TM
+import jax_reference.orthogonalizers.registry as JR
+import torch_impl.orthogonalizers.registry as TR
 from benchmarks import outside
-from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
+from benchmarks.harness import block, interleaved_times, jax_on, positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
 from jax_reference.orthogonalizers.quality import METRICS, quality_metrics
 from torch_impl.orthogonalizers.gram_newton_schulz import RESTART_AFTER
@@ -97,14 +97,14 @@ def implementations(methods, dtype: str, args, nanochat) -> dict[tuple[str, str]
     if args.jax:
         impls[(MATMUL, "jax.jit")] = (1, jax.jit(lambda G: gram(G, lambda x: jnp.swapaxes(x, -1, -2))), "jax", True)
     for name in methods:
-        steps = TM.default_steps(name)
-        t_fn = functools.partial(TM.ORTHOGONALIZERS[name], steps=steps, eps=EPS, compute_dtype=tdt)
+        steps = TR.default_steps(name)
+        t_fn = functools.partial(TR.ORTHOGONALIZERS[name], steps=steps, eps=EPS, compute_dtype=tdt)
         impls[(name, "torch eager")] = (steps, t_fn, "torch", False)
         if args.compile:
             impls[(name, "torch.compile")] = (steps, torch.compile(t_fn, fullgraph=True, dynamic=False), "torch", False)
         if args.jax:
             impls[(name, "jax.jit")] = (steps, jax.jit(functools.partial(
-                JM.ORTHOGONALIZERS[name], steps=steps, eps=EPS, compute_dtype=jdt)), "jax", False)
+                JR.ORTHOGONALIZERS[name], steps=steps, eps=EPS, compute_dtype=jdt)), "jax", False)
     for name, (label, steps, fn) in outside.optax_orthogonalizers().items():
         if name in methods and args.jax:
             impls[(name, label)] = (steps, fn, "jax", True)  # optax computes in its input's dtype
@@ -263,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="shapes 128x128, 128x512, 4x128x512; 3 repeats")
     p.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                    help="compute dtypes (default float32 on CPU, bfloat16 and float32 on CUDA)")
-    p.add_argument("--methods", nargs="+", default=list(TM.ORTHOGONALIZERS), choices=list(TM.ORTHOGONALIZERS))
+    p.add_argument("--methods", nargs="+", default=list(TR.ORTHOGONALIZERS), choices=list(TR.ORTHOGONALIZERS))
     p.add_argument("--shapes", nargs="+", type=shape_arg, default=None,
                    help="e.g. 768x3072 6x768x3072 (default: by --quick)")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds (default 5; 3 with --quick)")

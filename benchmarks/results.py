@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.report import DeviceMissing, atomic_write, machine_info
+from benchmarks.harness import DeviceMissing, atomic_write, machine_info
 
 SCHEMA = "benchmarks/results/v1"
 METHODOLOGY = (
@@ -152,7 +152,7 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def report_markdown(data: dict, title: str) -> str:
+def report_markdown(data: dict, title: str, compare_section: str | None = None) -> str:
     md = [f"# {title}", "", f"{data['created_utc']} · commit {data['machine'].get('git_commit')}"
           + (" · quick mode" if data["quick"] else ""), ""]
     for s in data["suites"]:
@@ -168,18 +168,19 @@ def report_markdown(data: dict, title: str) -> str:
         md += [f"![{p}]({p})" for p in s["plots"]] + ([""] if s["plots"] else [])
         if s["notes"]:
             md += [s["notes"], ""]
-    if data.get("compare"):
-        from benchmarks.compare import compare_markdown
-        md += [compare_markdown(data["compare"]), ""]
+    if compare_section:
+        md += [compare_section, ""]
     md += ["## Methodology", "", data["methodology"], "",
            "Machine: " + ", ".join(f"{k}={v}" for k, v in data["machine"].items() if v is not None), ""]
     return "\n".join(md)
 
 
 def write_folder(out: Path, suites: list[Suite], argv: list[str], quick: bool, title: str = "Benchmarks",
-                 compare_with: tuple[dict, float | None, str] | None = None) -> dict:
+                 compare_with: Callable[[dict], tuple[dict, str]] | None = None) -> dict:
     """Write out/results.json, out/report.md and every suite's figures; returns the results dict.
-    compare_with: (an older run's results, threshold, its path) to compare this run against."""
+    compare_with: given this run's results, (the comparison with an older run, its Markdown section);
+    benchmarks/compare.py makes both (it reads results files with this module, so this module never
+    imports it)."""
     out = Path(out)
     suite_data = []
     for s in suites:
@@ -197,12 +198,11 @@ def write_folder(out: Path, suites: list[Suite], argv: list[str], quick: bool, t
     data = dict(schema=SCHEMA, created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 argv=list(argv), quick=quick, machine=machine_info(), methodology=METHODOLOGY, suites=suite_data,
                 compare=None)
+    compare_section = None
     if compare_with is not None:
-        from benchmarks.compare import compare  # compare.py reads results files with this module
-        old, threshold, against = compare_with
-        data["compare"] = compare(old, data, threshold, against)  # load_results checked old's structure
+        data["compare"], compare_section = compare_with(data)
     atomic_write(out / "results.json", json.dumps(data, indent=1, allow_nan=True))
-    atomic_write(out / "report.md", report_markdown(data, title))
+    atomic_write(out / "report.md", report_markdown(data, title, compare_section))
     return data
 
 

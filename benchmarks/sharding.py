@@ -49,8 +49,9 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.distributed import join_group, run_world, scaling_figure, timed, world_sizes
-from benchmarks.report import positive_int
+from benchmarks.harness import positive_int
 from benchmarks.results import Suite, Table, cli_main, pyplot
+from torch_impl.sharding.comm import all_gather_object, barrier
 
 SCHEMES = ("zero2_step", "zero2_backward", "fsdp", "fsdp_torch_muon")
 
@@ -73,7 +74,7 @@ def state_bytes(optimizers) -> int:
 def grad_bytes(model, parts) -> int:
     held = nbytes(p.grad for p in model.parameters())
     for part in parts:  # zero2_backward: reductions launched in backward
-        for r in part.backward.early.values():
+        for r in part.reducer.early.values():
             held += nbytes([r.recv]) + (nbytes([r.send]) if r.send is not None else 0)
     return held
 
@@ -82,22 +83,23 @@ def padded_bytes(part, n: int) -> int:
     """fp32 bytes of one step's ZeRO-2 reduce_scatter inputs: Muon stacks padded to chunk·N
     matrices (StackLayout), AdamW rows to chunk·N (placement Rows); 0 on FSDP2 / one rank."""
     total = 0
-    for b, bucket in enumerate(part.reduction_buckets()):
-        if not bucket:
-            continue
+    if n == 1:
+        return 0
+    for b, bucket in enumerate(part.reducer.buckets):
         if part.kind == "muon":
             layout = part.layouts[b]
-            total += layout.chunk * n * bucket[0].numel() * 4
+            total += layout.chunk * n * bucket.params[0].numel() * 4
         else:
-            (p,) = bucket
+            (p,) = bucket.params
             total += part.placement(p).chunk * n * (p.numel() // p.shape[0]) * 4
     return total
 
 
 def measure_scheme(scheme: str, base, mesh, n: int, rank: int, cfg: dict) -> tuple[dict, list]:
     """One scheme on this rank: its median step time, bytes and held memory."""
-    from torch_impl.optim.base import hybrid, label_param
-    from torch_impl.sharding.comm import DTensorTraffic
+    from benchmarks.traffic import DTensorTraffic
+    from torch_impl.optim import hybrid
+    from torch_impl.optim.hybrid import label_param
     from torch_impl.sharding.parallelize import apply_fsdp
 
     model = copy.deepcopy(base)
@@ -157,7 +159,7 @@ def _worker(rank, n, port, cfg, results):
     from torch.distributed.device_mesh import init_device_mesh
 
     from torch_impl.models.gpt import GPT, GPTConfig
-    from torch_impl.optim.base import label_param
+    from torch_impl.optim.hybrid import label_param
 
     torch.manual_seed(0)
     base = GPT(GPTConfig(sequence_len=cfg["seq"], vocab_size=cfg["vocab"], n_layer=cfg["depth"],
@@ -166,8 +168,7 @@ def _worker(rank, n, port, cfg, results):
     rows = []
     for scheme in SCHEMES:
         mine, named = measure_scheme(scheme, base, mesh, n, rank, cfg)
-        every = [None] * n
-        dist.all_gather_object(every, mine)
+        every = all_gather_object(mine)
         if rank == 0:
             muon_bytes = sum(p.numel() * 4 for name, p in named if label_param(name, p.shape) == "muon")
             total = sum(p.numel() * 4 for _, p in named)
@@ -192,7 +193,7 @@ def _worker(rank, n, port, cfg, results):
                 owner_balance=every[0]["balance"]))
     if rank == 0:
         results.put(rows)
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 

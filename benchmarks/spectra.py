@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import positive_int
+from benchmarks.harness import positive_int
 from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.data.corpus import load_corpus
 from torch_impl.data.tokenizer import ByteTokenizer
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.optim.base import AdamW, hybrid
-from torch_impl.optim.muon import NS_EPS, ORTHOGONALIZERS, default_steps
+from torch_impl.optim import AdamW, hybrid
+from torch_impl.orthogonalizers.registry import NS_EPS, ORTHOGONALIZERS, default_steps
 
 
 def token_batches(seq_len: int, batch: int, max_bytes: int, seed: int):

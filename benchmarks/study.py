@@ -1,6 +1,6 @@
 """Muon vs AdamW: one GPT trained on the same tokens by AdamW alone and by Muon + AdamW with each orthogonalizer.
 
-Every run is the real training command, `torch_impl.training.loop.main(argv)`, called in this process as a
+Every run is the real training command, `torch_impl.training.main.main(argv)`, called in this process as a
 single rank (no torchrun, no process group): the nanochat GPT with byte tokens on the default
 corpus (the Python standard library's source), the same steps, batch, schedules and evaluation
 set. Only the optimizer of the block matrices changes between configurations:
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import positive_int, resolve_device
+from benchmarks.harness import positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.optim.muon import ORTHOGONALIZERS, default_steps
+from torch_impl.orthogonalizers.registry import ORTHOGONALIZERS, default_steps
 from torch_impl.tools.plot import load_metrics, with_time
-from torch_impl.training.loop import main as train_main
 from torch_impl.training.lr_schedule import muon_momentum
+from torch_impl.training.main import main as train_main
 
 ADAMW = "adamw"  # the config name of the AdamW-only baseline; the others are orthogonalizer names
 

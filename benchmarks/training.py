@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import block, interleaved_times, jax_on, positive_int, resolve_device
+from benchmarks.harness import block, interleaved_times, jax_on, positive_int, resolve_device
 from benchmarks.results import Suite, Table, cli_main, pyplot
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.optim.base import hybrid, label_param
-from torch_impl.optim.muon import NS_EPS, ORTHOGONALIZERS, default_steps
+from torch_impl.optim import hybrid
+from torch_impl.optim.hybrid import label_param
+from torch_impl.orthogonalizers.registry import NS_EPS, ORTHOGONALIZERS, default_steps
 from torch_impl.training.device import autocast, peak_flops
 
 VOCAB = 257  # torch_impl.train's byte tokenizer

@@ -19,6 +19,7 @@ MUTANTS = [
 ]
 
 MUON = "torch_impl/optim/muon.py"
+BALANCE = "torch_impl/orthogonalizers/balance.py"
 MUON_TESTS = ("parity_tests/test_muon_parity.py",)
 MUON_SELECT = "trajectory_torch_equals_jax"
 
@@ -64,29 +65,30 @@ MUTANTS += [
            "placements[stack[i]] = Owned(i % world_size) if world_size > 1 else Replicated()",
            # the edge cases hold a 5-matrix stack, whose contiguous runs differ from i % N
            DIST_MUON_TESTS, "edge_shapes and muon"),
-    Mutant("dist: AdamW rows gathered at the wrong offset", "torch_impl/optim/base.py",
+    Mutant("dist: AdamW rows gathered at the wrong offset", "torch_impl/optim/adamw.py",
            "p.copy_(out[:p.shape[0]])", "p.copy_(out[-p.shape[0]:])",
            DIST_ADAMW_TESTS, DIST_ADAMW_SELECT),
-    Mutant("fsdp2: AdamW steps the first rows of the gradient, not this rank's", "torch_impl/optim/base.py",
+    Mutant("fsdp2: AdamW steps the first rows of the gradient, not this rank's", "torch_impl/optim/adamw.py",
            "[p.grad.to_local() for p in mine], group)",
            "[p.grad.full_tensor()[:p.to_local().shape[0]] for p in mine], group)",
            ("tests/dist/test_fsdp2.py",), "adamw_on_fsdp2"),
-    Mutant("fsdp2: Muon sends every rank the first rows of the direction, not its own", "torch_impl/optim/base.py",
-           "send = torch.cat([O[:, start:end].reshape(-1) for start, end in self.bounds])",
-           "send = torch.cat([O[:, :end - start].reshape(-1) for start, end in self.bounds])",
+    Mutant("fsdp2: Muon sends every rank the first rows of the direction, not its own",
+           "torch_impl/sharding/row_owners.py",
+           "send = torch.cat([results[:, start:end].reshape(-1) for start, end in self.bounds])",
+           "send = torch.cat([results[:, :end - start].reshape(-1) for start, end in self.bounds])",
            ("tests/dist/test_fsdp2.py",), "muon_on_fsdp2 and plain"),
-    Mutant("fsdp2: Muon applies the direction to a copy, the parameter keeps its rows", "torch_impl/optim/base.py",
+    Mutant("fsdp2: Muon applies the direction to a copy, the parameter keeps its rows", "torch_impl/optim/muon.py",
            "t.copy_(new.view_as(t))", "t.clone().copy_(new.view_as(t))",
            ("tests/dist/test_fsdp2.py",), "muon_on_fsdp2 and plain"),
     Mutant("zero2 hooks: gradients dropped before their bucket is packed", "torch_impl/sharding/backward_reduce.py",
-           "            reduction = self.opt.launch_reduction(b, self.opt.comm)\n",
-           "            for q in self.buckets[b]:\n                q.grad = None\n"
-           "            reduction = self.opt.launch_reduction(b, self.opt.comm)\n",
+           "            reduction = self.launch(b)\n",
+           "            for q in params:\n                q.grad = None\n"
+           "            reduction = self.launch(b)\n",
            ("tests/dist/test_backward_reduce.py",), "equals_reduce_in_step"),
     Mutant("zero2 hooks: full gradients kept after their bucket is sent", "torch_impl/sharding/backward_reduce.py",
            "                q.grad = None", "                pass",
            ("tests/dist/test_backward_reduce.py",), "equals_reduce_in_step"),
-    Mutant("dist: non-owners keep their stale matrices", "torch_impl/optim/base.py",
+    Mutant("dist: non-owners keep their stale matrices", "torch_impl/optim/muon.py",
            "p.copy_(out[slot].view_as(p))",
            "p.copy_(out[slot].view_as(p)) if self.placement(p).holds(rank) else None",
            DIST_HYBRID_TESTS, "churn"),
@@ -107,11 +109,11 @@ MUTANTS += [
     Mutant("cubic: a and b swapped", "torch_impl/orthogonalizers/schedules.py",
            "X = torch.baddbmm(X, A.mT, X, beta=a, alpha=b)",
            "X = torch.baddbmm(X, A.mT, X, beta=b, alpha=a)", ZOO_TESTS, ZOO_SELECT),
-    Mutant("muoneq: columns equilibrated instead of rows", MUON,
+    Mutant("muoneq: columns equilibrated instead of rows", BALANCE,
            "row_norm = X.square().sum(dim=-1, keepdim=True).sqrt().clamp_min(ROW_EQUILIBRATION_EPS)",
            "row_norm = X.square().sum(dim=-2, keepdim=True).sqrt().clamp_min(ROW_EQUILIBRATION_EPS)",
            ZOO_TESTS, ZOO_MUON_SELECT),
-    Mutant("muon+: renormalized to sqrt(max(rows, cols))", MUON,
+    Mutant("muon+: renormalized to sqrt(max(rows, cols))", BALANCE,
            "return O * (math.sqrt(min(O.shape[-2:]))",
            "return O * (math.sqrt(max(O.shape[-2:]))", ZOO_TESTS, ZOO_MUON_SELECT),
 ]

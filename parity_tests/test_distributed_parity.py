@@ -81,7 +81,7 @@ SHARDED_KW = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, cauti
 
 def case_fsdp2_muon_trajectory(steps):
     from tests.dist.test_fsdp2 import step_pair
-    from torch_impl.optim.base import DistMuon, Muon
+    from torch_impl.optim import DistMuon, Muon
     params, _, _, _ = step_pair(SHARDED_SPECS, DistMuon, Muon, dict(SHARDED_KW, ns_dtype=torch.float32), steps, 31)
     return [p.full_tensor().detach() for p in params]
 
@@ -90,7 +90,8 @@ def case_fsdp2_muon_trajectory(steps):
 def test_fsdp2_muon_matches_jax_sharded_step(rank_groups, n):
     jax = pytest.importorskip("jax")
     jnp, optax = pytest.importorskip("jax.numpy"), pytest.importorskip("optax")
-    from jax_reference.sharding.sharded import row_mesh, shard_rows, sharded_muon, unshard_rows
+    from jax_reference.optim.muon import sharded_muon
+    from jax_reference.sharding.sharded import row_mesh, shard_rows, unshard_rows
     from parity_tests.test_muon_parity import muon_tolerance
     from tests.dist.common import exact_randn, make_params
 

@@ -31,7 +31,7 @@ import torch_impl.orthogonalizers.newton_schulz as TO
 from parity_tests.lockstep import lockstep, trajectory_inputs
 from parity_tests.tolerances import FP32_UNIT_ROUNDOFF as U
 from parity_tests.tolerances import fp32_tolerance
-from torch_impl.optim.base import AdamW, Muon, hybrid
+from torch_impl.optim import AdamW, Muon, hybrid
 from torch_impl.optim.muon import shape_scale
 
 SHAPES = ((8, 8), (24, 8), (8, 24), (4, 3, 5), (4, 2, 3, 3))
@@ -247,7 +247,7 @@ def test_hybrid_split_same_trajectory_in_both_frameworks(seed, steps):
     jp = {k: jnp.asarray(v) for k, v in init.items()}
     state = tx.init(jp)
     labels = {k: JO.label_param(k, s) for k, s in MODEL.items()}
-    from torch_impl.optim.base import label_param
+    from torch_impl.optim.hybrid import label_param
     assert labels == {k: label_param(k, s) for k, s in MODEL.items()}
     assert sorted(set(labels.values())) == ["embedding", "muon", "scalar", "unembedding"]
     for t, gs in enumerate(grads):

@@ -20,25 +20,26 @@ from optax.contrib import _muon as optax_muon
 
 import jax_reference.optim.muon as JM
 import jax_reference.orthogonalizers.aol as JAOL
-import torch_impl.optim.muon as TM
+import jax_reference.orthogonalizers.registry as JR
 import torch_impl.orthogonalizers.aol as TAOL
 import torch_impl.orthogonalizers.newton_schulz as TO
+import torch_impl.orthogonalizers.registry as TR
 from parity_tests.inputs import build_matrix, matrix_specs, rel_fro
 from parity_tests.lockstep import lockstep, trajectory_inputs
 from parity_tests.tolerances import BF16_BAND, BF16_SPECTRUM_FLOOR
 from parity_tests.tolerances import FP32_UNIT_ROUNDOFF as U
 from tests.rounding_bounds import gram_condition, ns_condition, tolerance
-from torch_impl.optim.base import Muon
+from torch_impl.optim import Muon
 from torch_impl.optim.muon import shape_scale
 from torch_impl.orthogonalizers.gram_newton_schulz import RESTART_AFTER
 from torch_impl.orthogonalizers.schedules import SCHEDULES
 
-NAMES = tuple(TM.ORTHOGONALIZERS)
+NAMES = tuple(TR.ORTHOGONALIZERS)
 
 
 def schedule_of(name: str):
-    s = SCHEDULES[TM.ORTHOGONALIZER_SCHEDULES[name]]
-    return s, s.triples(TM.default_steps(name))
+    s = SCHEDULES[TR.ORTHOGONALIZER_SCHEDULES[name]]
+    return s, s.triples(TR.default_steps(name))
 
 
 def kappa(name: str) -> float:
@@ -55,14 +56,14 @@ def fp32_tol(name: str) -> float:
 
 
 def run_torch(G: np.ndarray, name: str, dtype=torch.float32) -> np.ndarray:
-    out = TM.ORTHOGONALIZERS[name](torch.from_numpy(G.copy()).to(dtype), steps=TM.default_steps(name),
-                                   eps=TM.NS_EPS, compute_dtype=dtype)
+    out = TR.ORTHOGONALIZERS[name](torch.from_numpy(G.copy()).to(dtype), steps=TR.default_steps(name),
+                                   eps=TR.NS_EPS, compute_dtype=dtype)
     assert out.dtype == dtype and out.shape == G.shape
     return out.float().numpy()
 
 
 def run_jax(G: np.ndarray, name: str, dtype=jnp.float32) -> np.ndarray:
-    out = JM.ORTHOGONALIZERS[name](jnp.asarray(G).astype(dtype), steps=TM.default_steps(name), eps=TM.NS_EPS,
+    out = JR.ORTHOGONALIZERS[name](jnp.asarray(G).astype(dtype), steps=TR.default_steps(name), eps=TR.NS_EPS,
                                    compute_dtype=dtype)
     assert out.dtype == dtype and out.shape == G.shape
     return np.asarray(out.astype(jnp.float32))
@@ -71,14 +72,14 @@ def run_jax(G: np.ndarray, name: str, dtype=jnp.float32) -> np.ndarray:
 def oracle(G: np.ndarray, name: str) -> np.ndarray:
     G64 = torch.from_numpy(G.copy())
     if name == "aol":
-        return TAOL.aol_oracle(G64, TM.default_steps(name), TM.NS_EPS).numpy()
+        return TAOL.aol_oracle(G64, TR.default_steps(name), TR.NS_EPS).numpy()
     s, triples = schedule_of(name)
-    return TO.polynomial_oracle(G64, triples, len(triples), TM.NS_EPS, s.norm_scale).numpy()
+    return TO.polynomial_oracle(G64, triples, len(triples), TR.NS_EPS, s.norm_scale).numpy()
 
 
 def test_both_frameworks_register_the_same_methods_with_the_same_schedules():
-    assert tuple(TM.ORTHOGONALIZERS) == tuple(JM.ORTHOGONALIZERS)
-    assert TM.ORTHOGONALIZER_SCHEDULES == JM.ORTHOGONALIZER_SCHEDULES
+    assert tuple(TR.ORTHOGONALIZERS) == tuple(JR.ORTHOGONALIZERS)
+    assert TR.ORTHOGONALIZER_SCHEDULES == JR.ORTHOGONALIZER_SCHEDULES
     from jax_reference.orthogonalizers.schedules import SCHEDULES as JS  # the data, written twice: must agree exactly
     assert {k: tuple(v) for k, v in SCHEDULES.items()} == {k: tuple(v) for k, v in JS.items()}
 
@@ -174,7 +175,7 @@ EXPLICIT = [dict(shapes=[(8, 24), (24, 8)], steps=3, seed=11, orth=orth, lr=0.05
 def test_muon_variant_trajectory_torch_equals_jax(case):
     params, grads = trajectory_inputs(case)
     common = dict(momentum=case["momentum"], nesterov=case["nesterov"], orthogonalizer=case["orth"],
-                  ns_steps=TM.default_steps(case["orth"]), weight_decay=case["wd"], normuon_beta2=case["normuon"],
+                  ns_steps=TR.default_steps(case["orth"]), weight_decay=case["wd"], normuon_beta2=case["normuon"],
                   shape_scale=case["scale"], row_equilibration=case["row_eq"],
                   frobenius_renormalization=case["renorm"])
     tp = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]

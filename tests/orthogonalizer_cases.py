@@ -56,3 +56,19 @@ def bf16_rounded(G):
     rounded = ((bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16) << 16  # wraps only for NaN bits
     rounded = np.where(np.isnan(bits.view(np.float32)), np.uint32(0x7FC00000), rounded).astype(np.uint32)
     return rounded.view(np.float32)
+
+
+def nanochat_row_equilibrate(X):
+    """nanochat's MuonEq in numpy fp64: target = ‖X‖_F/√rows, row norms floored at 1e-6."""
+    target = np.linalg.norm(X) / np.sqrt(X.shape[0])
+    return X * (target / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-6))
+
+
+def muon_plus(O):
+    """Muon+ in numpy fp64: O·√min(rows, cols)/max(‖O‖_F, 1e-6)."""
+    return O * np.sqrt(min(O.shape)) / max(np.linalg.norm(O), 1e-6)
+
+
+def identity(X, steps, eps, compute_dtype):
+    """An orthogonalizer that returns its input: isolates what Muon does around orth."""
+    return X

@@ -25,7 +25,6 @@ plus read-only `momentum`, `second_moment` (None without NorMuon) and `count`
 (steps taken); optax.tree_utils.tree_get(state, name) finds the same values.
 """
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,35 +35,11 @@ import optax
 
 from jax_reference.optim.nonfinite import check_policy, guard_nonfinite
 from jax_reference.optim.precision import in_float32
-from jax_reference.orthogonalizers.aol import aol
-from jax_reference.orthogonalizers.gram_newton_schulz import gram_newton_schulz
-from jax_reference.orthogonalizers.newton_schulz import NS5_COEFFS, newton_schulz, polar_express
-from jax_reference.orthogonalizers.schedules import SCHEDULES, cans, cubic, deepseek_v4
+from jax_reference.orthogonalizers.balance import balanced
+from jax_reference.orthogonalizers.registry import resolve_orthogonalizer
+from jax_reference.sharding.sharded import on_owners, sharded
 
-# The named orthogonalizers (.specs/orthogonalizers.md §1), all called as f(X, *, steps, eps, compute_dtype).
-ORTHOGONALIZERS = {
-    "newton_schulz": functools.partial(newton_schulz, coeffs=NS5_COEFFS),
-    "polar_express": polar_express,
-    "gram_newton_schulz": gram_newton_schulz,  # Polar Express schedule and 1.01 norm scale by default
-    "aol": aol,
-    "cans": cans,
-    "cubic": cubic,
-    "deepseek_v4": deepseek_v4,
-}
-# The schedule (SCHEDULES) each named orthogonalizer runs: it decides the step counts it accepts.
-ORTHOGONALIZER_SCHEDULES = {
-    "newton_schulz": "newton_schulz",
-    "polar_express": "polar_express",
-    "gram_newton_schulz": "polar_express",
-    "aol": "aol",
-    "cans": "cans",
-    "cubic": "cubic",
-    "deepseek_v4": "deepseek_v4",
-}
 SHAPE_SCALES = ("max_ratio", "match_rms_adamw")
-# Floors of the row norms (MuonEq) and of ‖O‖_F (Muon+), as nanochat's clamp_min(1e-6).
-ROW_EQUILIBRATION_EPS = 1e-6
-FROBENIUS_RENORMALIZATION_EPS = 1e-6
 
 
 # ---- shapes (§2, §5, §6) -------------------------------------------------------------
@@ -112,78 +87,6 @@ def _as_matrix(x) -> jax.Array:
 def _unzip(like, pairs):
     """A tree of 2-tuples, structured like `like`, as a 2-tuple of trees."""
     return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0, 0)), pairs)
-
-
-# ---- orthogonalizer (§4) -------------------------------------------------------------
-
-
-def resolve_orthogonalizer(
-    orthogonalizer: str | Callable[..., Any], ns_steps: int, ns_dtype, eps: float = 1e-7
-) -> Callable[[jax.Array], jax.Array]:
-    """orth of §4 eq. (3): X ↦ f(X, steps=ns_steps, eps=eps, compute_dtype=ns_dtype).
-
-    `orthogonalizer` is a name of ORTHOGONALIZERS ("newton_schulz" with the NS5 coefficients,
-    "polar_express", "gram_newton_schulz", "aol", "cans", "cubic", "deepseek_v4") or a callable
-    with that keyword signature. A name's ns_steps is checked now against its schedule
-    (ValueError naming the step counts it supports, e.g. "cubic": 5 only).
-    """
-    if callable(orthogonalizer):
-        fn = orthogonalizer
-    elif orthogonalizer in ORTHOGONALIZERS:
-        fn = ORTHOGONALIZERS[orthogonalizer]
-        try:
-            SCHEDULES[ORTHOGONALIZER_SCHEDULES[orthogonalizer]].check_steps(ns_steps)
-        except ValueError as e:
-            raise ValueError(f"orthogonalizer {orthogonalizer!r}: ns_steps: {e}") from None
-    else:
-        raise ValueError(
-            f"orthogonalizer must be a callable or one of {tuple(ORTHOGONALIZERS)}, got {orthogonalizer!r}"
-        )
-    return functools.partial(fn, steps=ns_steps, eps=eps, compute_dtype=ns_dtype)
-
-
-# ---- MuonEq and Muon+: maps around orth (.specs/orthogonalizers.md §6) ----------------
-
-
-def _frobenius(X) -> jax.Array:
-    return jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True))
-
-
-def row_equilibrate(X: jax.Array) -> jax.Array:
-    """MuonEq (R): each row of a float32 (rows, cols) matrix rescaled to the quadratic-mean row norm.
-
-    X_i ← X_i · t / max(‖X_i‖₂, 1e-6) with t = ‖X‖_F / √rows (rows of the §2 view, whether the
-    matrix is wide or tall). Rows with norm ≥ 1e-6 all end with norm t, so ‖X‖_F is kept when no
-    row is below the floor.
-    """
-    target = _frobenius(X) / math.sqrt(X.shape[-2])
-    row_norm = jnp.maximum(jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True)), ROW_EQUILIBRATION_EPS)
-    return X * (target / row_norm)
-
-
-def frobenius_renormalize(O: jax.Array) -> jax.Array:
-    """Muon+ as nanochat: O · √min(rows, cols) / max(‖O‖_F, 1e-6), so ‖O‖_F = √min(rows, cols)."""
-    return O * (math.sqrt(min(O.shape[-2:])) / jnp.maximum(_frobenius(O), FROBENIUS_RENORMALIZATION_EPS))
-
-
-def balanced(
-    orthogonalize: Callable[[jax.Array], jax.Array], row_equilibration: bool, frobenius_renormalization: bool
-) -> Callable[[jax.Array], jax.Array]:
-    """orth of §4 with the options: X ↦ renorm(orth(equilibrate(X))), each step only when asked.
-
-    With both off it returns `orthogonalize` itself (Muon unchanged). The maps act on one whole
-    float32 (rows, cols) matrix, so they run wherever orth runs (on the owner in the sharded step).
-    """
-    if not (row_equilibration or frobenius_renormalization):
-        return orthogonalize
-
-    def orth(X):
-        if row_equilibration:
-            X = row_equilibrate(X)
-        O = orthogonalize(X).astype(jnp.float32)
-        return frobenius_renormalize(O) if frobenius_renormalization else O
-
-    return orth
 
 
 # ---- the transforms, in chain order --------------------------------------------------
@@ -395,3 +298,9 @@ def muon(
         optax.scale_by_learning_rate(schedule),
     )
     return guard_nonfinite(in_float32(_with_muon_state(chain)), nonfinite)
+
+
+def sharded_muon(mesh, learning_rate, **muon_kwargs) -> optax.GradientTransformationExtraArgs:
+    """`muon` on parameters row-sharded over `mesh` (.specs/muon_math.md §12; sharding/sharded.py):
+    the same arguments, the same result as on one device."""
+    return sharded(muon(learning_rate, orth_map=on_owners(mesh), **muon_kwargs), mesh)

@@ -21,7 +21,7 @@ owners, the owner runs the unchanged orthogonalizer on each, and one all_to_all 
 result back. So the sharded step computes what the single-device step computes (MaxText moves the
 sharding onto the stack axis the same way: src/maxtext/optimizers/muon.py).
 
-Usage: stored = shard_rows(params, mesh); tx = sharded_muon(mesh, lr, ...) or, for the nanochat
+Usage: stored = shard_rows(params, mesh); tx = optim.muon.sharded_muon(mesh, lr, ...) or, for the nanochat
 hybrid, tx = sharded(hybrid(params, orth_map=on_owners(mesh), ...), mesh); then jax.jit(tx.update)
 and optax.apply_updates on the stored trees as usual. A loss takes unshard_rows(stored), so its
 gradient w.r.t. stored comes back in the stored layout.
@@ -37,7 +37,6 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_reference.optim.muon import muon
 from jax_reference.sharding.placement import StackLayout, chunk_rows, muon_layouts
 
 AXIS = "x"
@@ -183,8 +182,3 @@ def on_owners(mesh: Mesh) -> Callable:
         return jax.tree.unflatten(treedef, out)
 
     return orth_map
-
-
-def sharded_muon(mesh: Mesh, learning_rate, **muon_kwargs) -> optax.GradientTransformationExtraArgs:
-    """jax_reference.optim.muon.muon on row-sharded parameters (§12); same arguments, same result."""
-    return sharded(muon(learning_rate, orth_map=on_owners(mesh), **muon_kwargs), mesh)

@@ -43,11 +43,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _regroup(rank: int, n: int, port: int) -> None:
+def _regroup(rank: int, n: int, port: int, backend: str = "gloo") -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank < n:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=n, timeout=timedelta(seconds=PG_TIMEOUT_S))
 
 
@@ -72,7 +72,7 @@ class RankPool:
     def __init__(self, max_world_size: int = 4):
         self.size = max_world_size
         self.procs: list = []
-        self.world_size = None  # size of the current process group
+        self.world_size = None  # (size, backend) of the current process group
         self._case = 0
 
     def _start(self) -> None:
@@ -122,16 +122,17 @@ class RankPool:
                 report.append(f"--- rank {r}:\n{got[r][1]}")
         raise AssertionError("\n".join(report))
 
-    def run(self, n: int, fn, *args, timeout: float = CASE_TIMEOUT_S, **kwargs) -> list:
-        """fn(*args, **kwargs) on ranks 0..n-1 of a gloo group of size n; per-rank results."""
+    def run(self, n: int, fn, *args, timeout: float = CASE_TIMEOUT_S, backend: str = "gloo", **kwargs) -> list:
+        """fn(*args, **kwargs) on ranks 0..n-1 of a group of size n (gloo, or another `backend`
+        spec such as "cuda:gloo": gloo with only a CUDA backend); per-rank results."""
         if not 1 <= n <= self.size:
             raise ValueError(f"world size {n} outside 1..{self.size}")
         if not self.alive():
             self.close()
             self._start()
-        if self.world_size != n:
-            self._dispatch(self.size, (None, "_regroup"), (n, free_port()), {}, 60, "regroup")
-            self.world_size = n
+        if self.world_size != (n, backend):
+            self._dispatch(self.size, (None, "_regroup"), (n, free_port(), backend), {}, 60, "regroup")
+            self.world_size = (n, backend)
         return self._dispatch(n, (fn.__module__, fn.__name__), args, kwargs, timeout, fn.__name__)
 
     def close(self) -> None:
@@ -148,13 +149,13 @@ class RankPool:
 
 
 class RankGroup:
-    """A world size bound to a pool: `group.run(fn, *args)`."""
+    """A world size (and backend) bound to a pool: `group.run(fn, *args)`."""
 
-    def __init__(self, pool: RankPool, n: int):
-        self.pool, self.world_size = pool, n
+    def __init__(self, pool: RankPool, n: int, backend: str = "gloo"):
+        self.pool, self.world_size, self.backend = pool, n, backend
 
     def run(self, fn, *args, **kwargs) -> list:
-        return self.pool.run(self.world_size, fn, *args, **kwargs)
+        return self.pool.run(self.world_size, fn, *args, backend=self.backend, **kwargs)
 
 
 # -- helpers for case bodies (they run inside the ranks) ------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 from tests.dist.harness import all_ranks_agree, rank, world_size
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.optim.base import hybrid
+from torch_impl.optim import hybrid
 from torch_impl.optim.nonfinite import NonFiniteGradientError
 
 KW = dict(model_dim=32, weight_decay=0.05, ns_dtype=torch.float32, normuon_beta2=0.95)
@@ -60,10 +60,10 @@ def case_hooks_equal_step_reduction(steps: int, accum: int, wire: str):
         if n > 1:
             # the buckets' full gradients were dropped during backward; small ones remain
             for part in opt.optimizers.values():
-                bucketed = {p for bucket in part.reduction_buckets() for p in bucket}
+                bucketed = {p for bucket in part.reducer.buckets for p in bucket.params}
                 ok &= bool(bucketed) and all(p.grad is None for p in bucketed)
                 ok &= all(p.grad is not None for g in part.param_groups for p in g["params"] if p not in bucketed)
-                ok &= len(part.backward.early) == sum(1 for b in part.reduction_buckets() if b)
+                ok &= len(part.reducer.early) == sum(1 for b in part.reducer.buckets if b.params)
         assert opt.step() and ref_opt.step()
         opt.zero_grad()
         ref_opt.zero_grad()
@@ -85,7 +85,7 @@ def test_bf16_wire_in_backward_equals_bf16_wire_in_step_bitwise(rank_groups, n):
 def case_bf16_wire_halves_the_bytes_and_rounds():
     """The wire format is what it says: half the reduce_scatter bytes, and gradients that are
     not bf16-representable arrive rounded (the result differs from the fp32 wire's)."""
-    from torch_impl.optim.base import AdamW
+    from torch_impl.optim import AdamW
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
@@ -113,7 +113,7 @@ def case_nonfinite_in_hooked_backward(policy: str, name: str):
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batch(0, 0)
     poison = model.get_parameter(name)
-    bucketed = {p for part in opt.optimizers.values() for bucket in part.reduction_buckets() for p in bucket}
+    bucketed = {p for part in opt.optimizers.values() for bucket in part.reducer.buckets for p in bucket.params}
     assert poison in bucketed, f"{name} is not reduced in backward: the case would not test the hooks"
     handle = poison.register_hook(lambda g: g * float("nan") if rank() == world_size() - 1 else g)
     loss = model(x, y)

@@ -10,7 +10,7 @@ import torch
 
 from tests.dist.common import exact_randn
 from tests.dist.harness import all_ranks_agree, rank
-from torch_impl.optim.base import DistAdamW, DistMuon, hybrid
+from torch_impl.optim import DistAdamW, DistMuon, hybrid
 from torch_impl.optim.nonfinite import NonFiniteGradientError
 
 
@@ -128,7 +128,7 @@ def test_gradient_on_some_ranks_only_raises_on_every_rank(rank_groups, n):
 def case_construction_mistakes():
     """add_param_group on a sharded optimizer, and a hybrid whose parts use different groups
     (its single check would not cover the sharded part): ValueError on every rank."""
-    from torch_impl.optim.base import AdamW, HybridOptimizer, Muon
+    from torch_impl.optim import AdamW, HybridOptimizer, Muon
     for cls in (DistMuon, DistAdamW):
         opt = cls([torch.nn.Parameter(exact_randn((8, 8), 1))])
         extra = dict(params=[torch.nn.Parameter(exact_randn((8, 8), 2))])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tests.dist.common import exact_randn
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.optim.base import hybrid
+from torch_impl.optim import hybrid
 from torch_impl.sharding.optimizer_checkpoint import consolidated_state, load_optimizer, read_meta, save_optimizer
 
 F32, BF16 = torch.float32, torch.bfloat16

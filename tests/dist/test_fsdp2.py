@@ -3,7 +3,7 @@
 AdamW: each rank updates its rows of each parameter with the gradient FSDP reduced, no
 collective of its own. Muon: per same-shape stack, one all_to_all sends the gradient rows to
 each matrix's owner, the owner computes the direction of the whole matrix, one all_to_all
-returns each rank its rows, each rank applies them (optim.ShardedStack). Gradients here are
+returns each rank its rows, each rank applies them (sharding/row_owners.py). Gradients here are
 placed with `distribute_tensor` (exact: the full gradient, split by rows), so both must equal
 the single-device optimizers bit for bit, state included, for dims 0 that N divides, does
 not divide, and that are smaller than N. A real `fully_shard` model checks that its
@@ -17,7 +17,7 @@ import torch
 
 from tests.dist.common import clone_params, exact_randn, make_params
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.optim.base import AdamW, DistAdamW, DistMuon, Muon
+from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
 from torch_impl.sharding.placement import Rows, ShardedRows, owner_counts
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -203,12 +203,28 @@ def case_unsupported_layouts_raise_everywhere():
     replicated = [torch.nn.Parameter(distribute_tensor(torch.zeros(8, 8), m, [Replicate()]))]
     raises_everywhere(lambda: DistAdamW(replicated), "only Shard(0)")
     raises_everywhere(lambda: DistMuon(replicated), "only Shard(0)")
-    raises_everywhere(lambda: AdamW(sharded), "mesh of 2 ranks")  # a local optimizer: world size 1
-    raises_everywhere(lambda: Muon(sharded), "mesh of 2 ranks")
+    own, _ = torch.distributed.new_subgroups(group_size=1)  # every rank a group of its own, not the mesh's 2
+    raises_everywhere(lambda: AdamW(sharded, process_group=own), "mesh of 2 ranks")
+    raises_everywhere(lambda: Muon(sharded, process_group=own), "mesh of 2 ranks")
 
 
 def test_unsupported_layouts_raise_on_every_rank(rank_groups):
     rank_groups(2).run(case_unsupported_layouts_raise_everywhere)
+
+
+def case_dtensor_parameters_shard_over_their_mesh_by_default(steps):
+    """Muon / AdamW (not Dist*) given FSDP2 DTensors and no process_group take their mesh's group:
+    sharded over it, and equal to the single-device optimizer bit for bit."""
+    ok = True
+    for cls, specs, kw, seed in ((AdamW, SPECS, KW, 21), (Muon, MUON_SPECS, MUON_KW["plain"], 31)):
+        params, ref, opt, _ = step_pair(specs, cls, cls, kw, steps, seed)
+        ok &= opt.comm.world_size == world_size() and not opt.comm.is_local
+        ok &= all(torch.equal(p.full_tensor(), q) for p, q in zip(params, ref))
+    all_ranks_agree(ok, "an optimizer of DTensors without a process_group did not shard over their mesh")
+
+
+def test_dtensor_parameters_shard_over_their_mesh_by_default(rank_groups):
+    rank_groups(3).run(case_dtensor_parameters_shard_over_their_mesh_by_default, 2)
 
 
 # ---- checkpoints: saved sharded at N ranks, loaded whole without a process group -------------
@@ -275,7 +291,7 @@ def gpt_pair(checkpointing: bool):
 
 
 def case_gpt_hybrid_on_fsdp2(steps, accum, checkpointing):
-    from torch_impl.optim.base import hybrid
+    from torch_impl.optim import hybrid
     from torch_impl.orthogonalizers.newton_schulz import newton_schulz
     model, ref = gpt_pair(checkpointing)
     seen = [0]
@@ -298,7 +314,7 @@ def case_gpt_hybrid_on_fsdp2(steps, accum, checkpointing):
             o.step()
             o.zero_grad()
     named_ref = dict(ref.named_parameters())
-    from torch_impl.optim.base import canonical_name
+    from torch_impl.optim.hybrid import canonical_name
     ok = all(torch.equal(p.full_tensor(), named_ref[canonical_name(name)]) for name, p in model.named_parameters())
     muon = opt.optimizers["muon"]
     owned = sum(1 for g in muon.param_groups for p in g["params"] if muon.placement(p).holds(rank()))
@@ -348,7 +364,7 @@ def case_fsdp2_checkpoint(path, save_steps, total, save: bool):
     import torch.distributed.checkpoint as dcp
 
     from tests.dist.test_dist_hybrid import KW, reference, same_state
-    from torch_impl.optim.base import hybrid
+    from torch_impl.optim import hybrid
     from torch_impl.sharding.optimizer_checkpoint import consolidated_state, load_optimizer, save_optimizer
     device_mesh = mesh() if world_size() > 1 else None
     model = fsdp2_model(device_mesh)
@@ -402,7 +418,7 @@ TORCH_MUON_SHAPES = [(16, 16), (8, 24), (24, 16), (32, 1), (1, 8)]
 def case_torch_muon_on_fsdp2():
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from torch_impl.sharding.comm import DTensorTraffic
+    from benchmarks.traffic import DTensorTraffic
     m, n = mesh(), world_size()
     out = {}
     for i, shape in enumerate(TORCH_MUON_SHAPES):

@@ -39,7 +39,7 @@ from tests.dist.common import (
     step_identical,
 )
 from tests.dist.harness import all_ranks_agree, rank, world_size
-from torch_impl.optim.base import AdamW, DistAdamW, DistMuon, Muon
+from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
 
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -10,10 +10,10 @@ from tests.train.common import metrics
 
 def case_train(argv: list[str]) -> list[tuple[str, int, float]]:
     """Train with `argv` on this rank; rank 0 returns the run's (kind, step, loss) records."""
-    from torch_impl.sharding.comm import init_from_env
     from torch_impl.training.config import TrainConfig
     from torch_impl.training.loop import train
     from torch_impl.training.plan import plan_run
+    from torch_impl.training.runtime import init_from_env
 
     cfg = TrainConfig.from_argv(argv)
     d = init_from_env(cfg.device_type())

@@ -1,6 +1,6 @@
 """Bad invocations of the training CLI: a clear message, exit code 2, and nothing written.
 
-Most cases call torch_impl.training.loop.main in-process (it never touches a process group without torchrun's
+Most cases call torch_impl.training.main.main in-process (it never touches a process group without torchrun's
 environment); one goes through torchrun with 2 ranks to check that the failure propagates there too.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_impl.training.loop import main
+from torch_impl.training.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--steps", "2", "--max-corpus-bytes", "50000"]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from torch_impl.sharding.comm import clip_grad_norm_synchronized_
+from torch_impl.sharding.clip import clip_grad_norm_synchronized_
 
 SHAPES = [(16, 8), (8,), (4, 4, 3)]
 WORLD = 2

@@ -16,7 +16,7 @@ import pytest
 
 from tests.train.common import REPO, TINY, check, env, metrics, run
 from torch_impl.training.checkpoint import list_checkpoints
-from torch_impl.training.loop import main
+from torch_impl.training.main import main
 
 ARGS = [*TINY, "--steps", "5", "--eval-every", "0"]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.train.common import TINY, TRAINED_ARGS, TRAINED_STEPS, check, metrics, run, tree
-from torch_impl.tools.sample import generate_text
 from torch_impl.training.checkpoint import load_model
-from torch_impl.training.loop import main
+from torch_impl.training.generate import generate_text
+from torch_impl.training.main import main
 
 STEPS = TRAINED_STEPS
 ARGS = TRAINED_ARGS

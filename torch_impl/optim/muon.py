@@ -1,4 +1,4 @@
-"""The math of one Muon step on a stack of same-shape matrices.
+"""Muon: the math of one step on a stack of same-shape matrices, and the optimizer around it.
 
 Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) with nanochat's
 conventions. For a stack of K matrices P (rows × cols) with gradients G, momentum μ:
@@ -17,25 +17,30 @@ decoupled and not shape-scaled, as in torch.optim.Muon.
 
 `muon_step` is the only place this math lives (.specs/muon_math.md states it once for
 both frameworks), in two halves: `muon_direction` (everything up to O, on whole matrices)
-and `apply_direction` (the last line, elementwise). The optimizer in torch_impl/optim/base.py
-calls `muon_step` on the matrices of each same-shape stack that its rank holds; on FSDP2
-parameters the owner runs `muon_direction` and every rank `apply_direction` on its rows.
+and `apply_direction` (the last line, elementwise). The optimizer `Muon` below calls
+`muon_step` on the matrices of each same-shape stack that its rank holds; on FSDP2 parameters
+the owner runs `muon_direction` and every rank `apply_direction` on its rows
+(sharding/row_owners.py moves the rows). The orthogonalizers are named in
+orthogonalizers/registry.py; MuonEq / Muon+ wrap them (orthogonalizers/balance.py).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from torch_impl.orthogonalizers.aol import aol
-from torch_impl.orthogonalizers.gram_newton_schulz import gram_newton_schulz
-from torch_impl.orthogonalizers.newton_schulz import frobenius_norm, newton_schulz, polar_express
-from torch_impl.orthogonalizers.schedules import SCHEDULES, cans, cubic, deepseek_v4
+from torch_impl.optim.base import ShardedOptimizer, default_group
+from torch_impl.orthogonalizers.balance import balanced
+from torch_impl.orthogonalizers.newton_schulz import frobenius_norm
+from torch_impl.orthogonalizers.registry import check_orthogonalizer, resolve_orthogonalizer
+from torch_impl.sharding.backward_reduce import Bucket, stack_bucket
+from torch_impl.sharding.checks import named_params
+from torch_impl.sharding.placement import Placement, StackLayout, muon_layouts, owner_loads, same_shape_stacks
+from torch_impl.sharding.row_owners import RowsToOwners
 
 SHAPE_SCALES = ("max_ratio", "match_rms_adamw")
 
@@ -133,110 +138,223 @@ def muon_step(
                     hp, *params.shape[-2:])
 
 
-# The named orthogonalizers (.specs/orthogonalizers.md §1), all called as f(X, *, steps, eps,
-# compute_dtype). Muon checks gradients for NaN/inf once per step, so they skip their own
-# per-call check (a host sync on GPU).
-ORTHOGONALIZERS = {name: functools.partial(fn, check_finite=False) for name, fn in (
-    ("newton_schulz", newton_schulz),
-    ("polar_express", polar_express),
-    ("gram_newton_schulz", gram_newton_schulz),  # Polar Express schedule and 1.01 norm scale by default
-    ("aol", aol),
-    ("cans", cans),
-    ("cubic", cubic),
-    ("deepseek_v4", deepseek_v4),
-)}
-# The schedule (schedules.SCHEDULES) each named orthogonalizer runs: it decides the step counts it accepts.
-ORTHOGONALIZER_SCHEDULES = {
-    "newton_schulz": "newton_schulz",
-    "polar_express": "polar_express",
-    "gram_newton_schulz": "polar_express",
-    "aol": "aol",
-    "cans": "cans",
-    "cubic": "cubic",
-    "deepseek_v4": "deepseek_v4",
-}
-NS_EPS = 1e-7  # added to the Frobenius norm so a zero matrix maps to zero (newton_schulz's default)
+class Muon(ShardedOptimizer):
+    """Muon (.specs/muon_math.md; math in muon_step above).
+
+    Parameters of one group with the same (matrix) shape, dtype and device form a stack, so
+    one batched orthogonalizer call serves them all; at N ranks each rank owns ⌊K/N⌋ or ⌈K/N⌉
+    matrices of a K-matrix stack, the remainders going where the Newton-Schulz cost is lowest
+    (`owner_balance()` reports max ÷ mean). Work happens in fp32 copies; bf16 parameters are rounded
+    once when written back. Gradients are never modified. Accepts `model.named_parameters()`
+    groups with "param_names" so error messages name parameters. `nonfinite="raise"`
+    (default) raises before anything is written when a gradient has NaN/inf; `"skip"` skips
+    the whole step (state untouched). `orthogonalizer`: a name of registry.ORTHOGONALIZERS or a
+    callable f(X, *, steps, eps, compute_dtype); a name's `ns_steps` must be one its schedule
+    supports (registry.default_steps gives the published count). `row_equilibration` (MuonEq) and
+    `frobenius_renormalization` (Muon+) wrap the orthogonalizer (balance.balanced; both off by
+    default). `compile=True` runs the orthogonalizer (with those maps) through torch.compile,
+    one graph per stack shape: the matmul part of the step. The elementwise rest stays eager:
+    torch specialises the Python floats it scales by (`alpha=lr·…`), so compiling it would
+    recompile whenever an lr or momentum schedule moves (measured: a new graph every step)."""
+
+    kind = "muon"
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5,
+                 orthogonalizer="newton_schulz", weight_decay=0.0, cautious_weight_decay=False,
+                 normuon_beta2=None, shape_scale="max_ratio", ns_dtype=torch.bfloat16,
+                 nonfinite="raise", process_group=None, track_stats=False, grad_reduce_dtype=torch.float32,
+                 row_equilibration=False, frobenius_renormalization=False, compile=False):
+        def check_hyper():
+            if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
+                raise ValueError(f"need lr ≥ 0, weight_decay ≥ 0, 0 ≤ momentum < 1; got "
+                                 f"lr={lr}, weight_decay={weight_decay}, momentum={momentum}")
+            if normuon_beta2 is not None and not 0 <= normuon_beta2 < 1:
+                raise ValueError(f"normuon_beta2 must be in [0, 1) or None, got {normuon_beta2}")
+            if shape_scale not in SHAPE_SCALES:
+                raise ValueError(f"unknown shape_scale {shape_scale!r}; valid: {', '.join(SHAPE_SCALES)}")
+            check_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # here, not at every step
+
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        orthogonalizer=orthogonalizer, weight_decay=weight_decay,
+                        cautious_weight_decay=cautious_weight_decay, normuon_beta2=normuon_beta2,
+                        shape_scale=shape_scale, ns_dtype=ns_dtype, row_equilibration=row_equilibration,
+                        frobenius_renormalization=frobenius_renormalization)
+        self.compile = compile
+        self._compiled: dict[tuple, Callable] = {}  # one compiled orthogonalizer per setting
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group,
+                         track_stats=track_stats, grad_reduce_dtype=grad_reduce_dtype, check_hyper=check_hyper)
+
+    def check_params(self) -> None:
+        for group in self.param_groups:
+            # a group's own orthogonalizer / ns_steps / ns_dtype, checked here like the defaults
+            # (inside the collective construction check) rather than at the owners' first step
+            check_orthogonalizer(group["orthogonalizer"], group["ns_steps"], group["ns_dtype"])
+            for name, p in named_params(group):
+                try:
+                    as_matrix_shape(p.shape)
+                except ValueError as e:
+                    raise ValueError(f"parameter {name}: {e}") from None
+
+    def place(self) -> dict[torch.Tensor, Placement]:
+        """The owners (cost-balanced, placement.owner_counts) and `self.layouts`: per
+        same-shape stack, the packed buffer the collectives move (placement.StackLayout; it
+        keeps a group index, since load_state_dict replaces the group dicts)."""
+        stacks = [(gi, stack) for gi, group in enumerate(self.param_groups)
+                  for stack in same_shape_stacks(group["params"])]
+        self.layouts, placements = muon_layouts(stacks, self.comm.world_size,
+                                                [g["ns_steps"] for g in self.param_groups])
+        return placements
+
+    def buckets(self) -> list[Bucket]:
+        """One per stack (bucket b is self.layouts[b]; at one rank the bucket only packs its
+        gradients); none on FSDP2 stacks: FSDP reduced their gradients already (and a model's
+        parameters are all FSDP2 DTensors, or none is)."""
+        if any(layout.row_chunk is not None for layout in self.layouts):
+            return []
+        return [stack_bucket(layout, self.grad_reduce_dtype, self.comm.world_size) for layout in self.layouts]
+
+    def owner_balance(self) -> float:
+        """Newton-Schulz cost of the busiest rank ÷ the mean over ranks (1.0 = even)."""
+        loads = owner_loads(self.layouts, self.placements, self.comm.world_size)
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean else 1.0
+
+    def orthogonalizer(self, group: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The group's orth of muon_direction: the named (or given) orthogonalizer bound to its
+        settings, wrapped by MuonEq / Muon+ when asked, compiled once per setting with compile=True."""
+        # .get: a group loaded from a state dict saved before these options existed lacks them;
+        # it keeps what this optimizer was built with
+        key = (group["orthogonalizer"], group["ns_steps"], group["ns_dtype"],
+               group.get("row_equilibration", self.defaults["row_equilibration"]),
+               group.get("frobenius_renormalization", self.defaults["frobenius_renormalization"]))
+        if key in self._compiled:
+            return self._compiled[key]
+        orth = balanced(resolve_orthogonalizer(*key[:3]), *key[3:])
+        if self.compile:
+            self._compiled[key] = orth = torch.compile(orth, fullgraph=True, dynamic=False)
+        return orth
+
+    def hyper(self, group: dict) -> MuonHyper:
+        return MuonHyper(
+            lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            cautious_weight_decay=group["cautious_weight_decay"],
+            normuon_beta2=group["normuon_beta2"], shape_scale=group["shape_scale"],
+            orthogonalize=self.orthogonalizer(group))
+
+    def matrix_state(self, p: torch.Tensor, normuon: bool) -> dict:
+        """Per-parameter fp32 state, created lazily (momentum, and NorMuon's second moment);
+        whole matrices, also for an FSDP2 parameter (they live on its owner)."""
+        state = self.state[p]
+        rows, cols = as_matrix_shape(p.shape)
+        device = p.to_local().device if isinstance(p, DTensor) else p.device
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(rows, cols, dtype=torch.float32, device=device)
+        if normuon and "second_moment" not in state:
+            state["second_moment"] = torch.zeros(normuon_state_shape(rows, cols),
+                                                 dtype=torch.float32, device=device)
+        return state
+
+    @torch.no_grad()
+    def with_stacked_state(self, params: list[torch.Tensor], hp: MuonHyper, math: Callable) -> torch.Tensor | None:
+        """`math(M, V)` on the stacked fp32 state of `params` (momentum M, NorMuon's second moment
+        V or None), which it updates in place; the state is written back per parameter."""
+        normuon = hp.normuon_beta2 is not None
+        states = [self.matrix_state(p, normuon) for p in params]
+        M = torch.stack([s["momentum_buffer"] for s in states])
+        V = torch.stack([s["second_moment"] for s in states]) if normuon else None
+        out = math(M, V)
+        for i, s in enumerate(states):
+            s["momentum_buffer"].copy_(M[i])
+            if normuon:
+                s["second_moment"].copy_(V[i])
+        return out
+
+    @torch.no_grad()
+    def update_whole(self, params: list[torch.Tensor], grads: torch.Tensor, hp: MuonHyper) -> None:
+        """`muon_step` on whole same-shape `params` given their stacked fp32 (K, rows, cols)
+        gradients; the new values written back in the parameters' dtype."""
+        rows, cols = grads.shape[-2:]
+        P = torch.stack([p.detach().reshape(rows, cols) for p in params]).float()
+        self.with_stacked_state(params, hp, lambda M, V: muon_step(P, grads, M, V, hp))
+        for i, p in enumerate(params):
+            p.copy_(P[i].view_as(p))
+
+    @torch.no_grad()
+    def directions(self, params: list[torch.Tensor], grads: torch.Tensor, hp: MuonHyper) -> torch.Tensor:
+        """`muon_direction` of whole same-shape `params` (an FSDP2 owner's): their O, for every
+        rank to apply to its rows."""
+        return self.with_stacked_state(params, hp, lambda M, V: muon_direction(grads, M, V, hp))
+
+    def count_work(self, layout: StackLayout, matrices: int) -> None:
+        self.count_step_work(matrices=matrices, ns_cost=matrices * layout.cost)
+
+    @torch.no_grad()
+    def apply_update(self, grads_synced: bool = False) -> None:
+        self.begin_update(grads_synced)
+        n, rank = self.comm.world_size, self.comm.rank
+
+        # 2. reduce: each stack's gradients reduce_scattered by its bucket (rank r receives its own
+        #    matrices, sharding/backward_reduce.py). FSDP2 stacks (gradients already reduced, by rows):
+        #    one all_to_all sends each owner the rows of its matrices (sharding/row_owners.py)
+        pending, relayouts = [], []
+        hypers = [self.hyper(group) for group in self.param_groups]  # once per group, not per stack
+        for b, layout in enumerate(self.layouts):
+            if not any(self.has_grad(p) for p in layout.params):  # presence is identical on all ranks
+                continue
+            hp = hypers[layout.group_index]
+            if layout.row_chunk is not None:
+                relayouts.append((hp, RowsToOwners(layout, self.comm)))
+            else:
+                pending.append((hp, layout, self.reduction(b)))
+
+        # 3. update: per stack, wait for its gradients, step the matrices this rank holds (their
+        #    slots are rank·chunk + j in stack order, so recv[j] is owned[j]), launch the gather.
+        #    FSDP2 stacks: the owner computes the direction of its whole matrices and one
+        #    all_to_all sends every rank its rows of it (while later stacks are still moving)
+        for hp, relayout in relayouts:
+            owned, G = relayout.owned_gradients()
+            relayout.send_back(self.directions(owned, G, hp) if owned else None)
+            self.count_work(relayout.layout, len(owned))
+        gathers = []
+        for hp, layout, reduction in pending:
+            recv = reduction.wait()
+            owned = [p for p in layout.params if self.placement(p).holds(rank)]
+            active = [j for j, p in enumerate(owned) if self.has_grad(p)]
+            if active:
+                grads = recv[:len(owned)] if len(active) == len(owned) else recv[active]
+                self.update_whole([owned[j] for j in active], grads.float(), hp)
+                self.count_work(layout, len(active))
+            if n > 1:
+                rows, cols = recv.shape[-2:]
+                mine = torch.zeros(layout.chunk, rows, cols, dtype=layout.params[0].dtype, device=recv.device)
+                for j, p in enumerate(owned):
+                    mine[j].copy_(p.reshape(rows, cols))
+                out = torch.empty(layout.chunk * n, rows, cols, dtype=mine.dtype, device=mine.device)
+                # `mine` stays referenced until the wait (c10d's Work holds it too; keeping it
+                # here does not depend on that, nor on a backend's stream bookkeeping)
+                gathers.append((layout, mine, out, self.comm.all_gather(out, mine)))
+
+        # 4. gather: every rank takes the owners' new parameters; on FSDP2 stacks every rank
+        #    applies the direction to its own rows
+        for hp, relayout in relayouts:
+            local, D = relayout.local_results()
+            if local:
+                P = torch.stack([t.reshape(D.shape[1:]) for t in local]).float()
+                apply_direction(P, D, hp, relayout.rows, relayout.cols)
+                for t, new in zip(local, P):
+                    # planted-bug target (parity_tests/mutants.py)
+                    t.copy_(new.view_as(t))
+        for layout, _mine, out, work in gathers:
+            work.wait()
+            for p, slot in zip(layout.params, layout.slots):
+                # planted-bug target (parity_tests/mutants.py)
+                p.copy_(out[slot].view_as(p))
 
 
-def default_steps(orthogonalizer: str | Callable) -> int:
-    """The step count a named orthogonalizer's schedule is published with (5 for a callable)."""
-    if isinstance(orthogonalizer, str) and orthogonalizer in ORTHOGONALIZER_SCHEDULES:
-        return SCHEDULES[ORTHOGONALIZER_SCHEDULES[orthogonalizer]].default_steps
-    return 5
+class DistMuon(Muon):
+    """Muon over a process group: `process_group=None` means the default group (if one is
+    initialized; otherwise this process alone). Otherwise Muon's arguments."""
 
-
-def check_orthogonalizer(orthogonalizer: str | Callable, ns_steps: int, ns_dtype: torch.dtype) -> None:
-    """ValueError for an unknown name, a non-callable, or a callable that cannot be called as
-    f(X, *, steps, eps, compute_dtype). Muon runs it at construction (collectively): at the
-    first step only the ranks that own matrices would call it, and the others would wait."""
-    orth = resolve_orthogonalizer(orthogonalizer, ns_steps, ns_dtype)  # names, step counts, non-callables
-    if isinstance(orthogonalizer, str):
-        # A trial call on a 1×2 zero matrix raises what only a call can tell (gram_newton_schulz's
-        # float16 range check), here on every rank instead of at the first step on the owners only.
-        orth(torch.zeros(1, 2))
-        return
-    try:
-        inspect.signature(orthogonalizer).bind(None, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)
-    except TypeError as e:
-        raise ValueError(f"orthogonalizer {orthogonalizer!r} must accept f(X, *, steps, eps, "
-                         f"compute_dtype): {e}") from None
-    except ValueError:
-        pass  # no signature to inspect (some builtins): trust the caller
-
-
-def resolve_orthogonalizer(
-    orthogonalizer: str | Callable, ns_steps: int, ns_dtype: torch.dtype
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Bind a name, or a callable f(X, *, steps, eps, compute_dtype) (the same signature as
-    jax_reference's; see check_orthogonalizer), to Muon's settings."""
-    if isinstance(orthogonalizer, str):
-        if orthogonalizer not in ORTHOGONALIZERS:
-            raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; "
-                             f"valid: {', '.join(ORTHOGONALIZERS)} or a callable")
-        try:
-            SCHEDULES[ORTHOGONALIZER_SCHEDULES[orthogonalizer]].check_steps(ns_steps)
-        except ValueError as e:
-            raise ValueError(f"orthogonalizer {orthogonalizer!r}: ns_steps: {e}") from None
-        orthogonalizer = ORTHOGONALIZERS[orthogonalizer]
-    elif not callable(orthogonalizer):
-        raise ValueError(f"orthogonalizer must be a name or a callable, got {orthogonalizer!r}")
-    fn = orthogonalizer
-    return lambda X: fn(X, steps=ns_steps, eps=NS_EPS, compute_dtype=ns_dtype)
-
-
-# ---- MuonEq and Muon+: maps around the orthogonalizer (.specs/orthogonalizers.md §6) ----
-ROW_EQUILIBRATION_EPS = 1e-6  # floors of the row norms and of ‖O‖_F, as nanochat's clamp_min(1e-6)
-FROBENIUS_RENORMALIZATION_EPS = 1e-6
-
-
-def row_equilibrate(X: torch.Tensor) -> torch.Tensor:
-    """MuonEq (R) (Chang et al., https://arxiv.org/abs/2603.28254): each row of every fp32
-    (rows, cols) matrix rescaled to the quadratic-mean row norm t = ‖X‖_F/√rows,
-    X_i ← X_i · t / max(‖X_i‖₂, 1e-6). Rows above the floor all end with norm t, so ‖X‖_F is kept."""
-    target = frobenius_norm(X) / math.sqrt(X.shape[-2])
-    # planted-bug target (parity_tests/mutants.py)
-    row_norm = X.square().sum(dim=-1, keepdim=True).sqrt().clamp_min(ROW_EQUILIBRATION_EPS)
-    return X * (target / row_norm)
-
-
-def frobenius_renormalize(O: torch.Tensor) -> torch.Tensor:
-    """Muon+ as nanochat (citing https://arxiv.org/abs/2602.21545):
-    O · √min(rows, cols) / max(‖O‖_F, 1e-6), the Frobenius norm of an exactly semi-orthogonal matrix."""
-    # planted-bug target (parity_tests/mutants.py)
-    return O * (math.sqrt(min(O.shape[-2:])) / frobenius_norm(O).clamp_min(FROBENIUS_RENORMALIZATION_EPS))
-
-
-def balanced(orthogonalize: Callable[[torch.Tensor], torch.Tensor], row_equilibration: bool,
-             frobenius_renormalization: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """X ↦ renorm(orth(equilibrate(X))), each map only when asked; with both off, `orthogonalize`
-    itself (Muon unchanged bit for bit). Whole-matrix maps: they run wherever orth runs."""
-    if not (row_equilibration or frobenius_renormalization):
-        return orthogonalize
-
-    def orth(X: torch.Tensor) -> torch.Tensor:
-        if row_equilibration:
-            X = row_equilibrate(X)
-        O = orthogonalize(X).to(torch.float32)
-        return frobenius_renormalize(O) if frobenius_renormalization else O
-
-    return orth
+    def __init__(self, params, *args, process_group=None, **kwargs):
+        super().__init__(params, *args, process_group=default_group(process_group), **kwargs)

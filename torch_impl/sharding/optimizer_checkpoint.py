@@ -7,7 +7,7 @@ API (collective: every rank calls it; also works without a process group):
                                    the entries it owns at the current world size
     consolidated_state(opt)        {key: full tensor} on rank 0 ({} on the others)
 
-`opt` is a HybridOptimizer (torch_impl.optim.base) or a single Muon / AdamW / DistMuon /
+`opt` is a HybridOptimizer (torch_impl.optim.hybrid) or a single Muon / AdamW / DistMuon /
 DistAdamW. Model parameters are not included: checkpoint them separately. The code never
 asks what class an optimizer is: it asks each part where a parameter's state lives
 (`placement(p)`, torch_impl/sharding/placement.py) at the part's world size.
@@ -39,6 +39,7 @@ Failures on one rank are agreed on with a small all_reduce, so every rank raises
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -48,8 +49,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from torch_impl.sharding.comm import is_initialized, named_params, world
-from torch_impl.sharding.placement import Owned, Rows
+from torch_impl.sharding.checks import named_params
+from torch_impl.sharding.comm import all_gather_object, any_rank, collective_device, is_initialized, recv, send, world
+from torch_impl.sharding.placement import Owned, RowSplit
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -64,7 +66,7 @@ def _parts(opt) -> dict[str, torch.optim.Optimizer]:
     if parts is not None:
         return dict(parts)
     if getattr(opt, "kind", None) is None or not hasattr(opt, "placement"):
-        raise TypeError(f"expected a HybridOptimizer, Muon or AdamW (torch_impl.optim.base), got {type(opt).__name__}")
+        raise TypeError(f"expected a HybridOptimizer, Muon or AdamW (torch_impl.optim), got {type(opt).__name__}")
     return {opt.kind: opt}
 
 
@@ -102,7 +104,7 @@ def _local_pieces(opt):
                     raise TypeError(f"optimizer state {part}.{gi}.{name}.{k} is a "
                                     f"{type(v).__name__}; only tensors are checkpointed")
                 key = f"{part}.{gi}.{name}.{k}"
-                if isinstance(where, Rows) and v.ndim == p.ndim and v.shape[1:] == p.shape[1:]:
+                if isinstance(where, RowSplit) and v.ndim == p.ndim and v.shape[1:] == p.shape[1:]:
                     start, _ = where.local_rows(rank)
                     pieces.append((key, v, tuple(p.shape), start))  # rows [start, end) of the whole
                 elif isinstance(where, Owned) or rank == 0:
@@ -133,12 +135,7 @@ def _quiet_without_group():
 
 def _agree(ok: bool, group) -> bool:
     """True on every rank iff `ok` on every rank."""
-    if not is_initialized():
-        return ok
-    dev = "cuda" if "nccl" in str(dist.get_backend(group)) else "cpu"
-    flag = torch.tensor([int(ok)], device=dev)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
+    return not any_rank([not ok], group)[0]
 
 
 # -- save / load --------------------------------------------------------------------------
@@ -275,7 +272,8 @@ def load_optimizer(opt, path) -> None:
 
 def consolidated_state(opt) -> dict[str, torch.Tensor]:
     """The full (unsharded) state, keyed like the checkpoint entries, on rank 0; {} on the
-    other ranks. Collective: pieces travel to rank 0 by point-to-point send/recv."""
+    other ranks. Collective: pieces travel to rank 0 by point-to-point send/recv, through the
+    collective's device, and land on the device of the optimizer's parameters."""
     group = _group(opt)
     rank, n = world(group)
     pieces = _local_pieces(opt)
@@ -283,25 +281,26 @@ def consolidated_state(opt) -> dict[str, torch.Tensor]:
         return {key: t.clone() for key, t, _, _ in pieces}
     described = [(key, full, offset, tuple(t.shape), str(t.dtype).removeprefix("torch."))
                  for key, t, full, offset in pieces]
-    every: list = [None] * n
-    dist.all_gather_object(every, described, group=group)
+    every = all_gather_object(described, group)
     if rank != 0:
         for _key, t, _, _ in pieces:
             if t.numel():
-                dist.send(t.contiguous(), dist.get_global_rank(group, 0) if group else 0, group=group)
+                send(t, 0, group)
         return {}
     out: dict[str, torch.Tensor] = {}
     local = {key: t for key, t, _, _ in pieces}
-    device = next(iter(local.values())).device if local else torch.device("cpu")
+    params = [p for o in _parts(opt).values() for g in o.param_groups for p in g["params"]]
+    device = (params[0].to_local() if hasattr(params[0], "to_local") else params[0]).device if params else \
+        collective_device(group)
     for src, entries in enumerate(every):
         for key, full, offset, shape, dtype in entries:
             dtype = getattr(torch, dtype)
             if src == 0:
                 t = local[key]
+            elif math.prod(shape):
+                t = recv(shape, dtype, src, group, device=device)
             else:
                 t = torch.empty(shape, dtype=dtype, device=device)
-                if t.numel():
-                    dist.recv(t, dist.get_global_rank(group, src) if group else src, group=group)
             if offset is None:
                 out[key] = t.clone()
             else:

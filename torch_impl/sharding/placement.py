@@ -1,6 +1,6 @@
 """Where each parameter's optimizer work and state live: a small value per parameter.
 
-The optimizers in torch_impl/optim/base.py run one code path at every world size N; what differs
+The optimizers in torch_impl/optim/ run one code path at every world size N; what differs
 between a single process and a sharded run is only this description, computed once from the
 full parameter list (never from which gradients exist in a step, so state never moves):
 
@@ -13,7 +13,8 @@ full parameter list (never from which gradients exist in a step, so state never 
                         rank applies it to its own rows (StackLayout.row_chunk)
     Rows(n_rows, c)     rank r updates rows [r·c, min((r+1)·c, n_rows)) of dim 0 and keeps
                         that slice of the state (AdamW's ZeRO-2 shards at N > 1)
-    ShardedRows(n, c)   the same rows, of a parameter that is itself sharded (FSDP2 DTensor)
+    ShardedRows(n, c)   the same rows, of a parameter that is itself sharded (FSDP2 DTensor);
+                        both are a RowSplit
 
 The splits are those of ZeRO (Rajbhandari et al., https://arxiv.org/abs/1910.02054) as nanochat
 uses them: c = ceil(n/N) after zero padding, the same uneven split as torch.chunk and DTensor's
@@ -55,7 +56,9 @@ class Owned:
 
 
 @dataclass(frozen=True)
-class Rows:
+class RowSplit:
+    """What Rows and ShardedRows share: rank r has rows [r·c, min((r+1)·c, n_rows)) of dim 0.
+    Neither is the other, so no isinstance check depends on the order it is asked in."""
     n_rows: int
     chunk: int
 
@@ -69,7 +72,12 @@ class Rows:
 
 
 @dataclass(frozen=True)
-class ShardedRows(Rows):
+class Rows(RowSplit):
+    """A whole parameter whose update and state are split by rows (AdamW's ZeRO-2 shards)."""
+
+
+@dataclass(frozen=True)
+class ShardedRows(RowSplit):
     """The parameter itself is split by rows: an FSDP2 DTensor (fully_shard; Shard(0) on a 1-D
     mesh). Rank r holds rows local_rows(r) of the parameter and of its gradient, which FSDP has
     already reduced, so the update needs no collective of its own. The split is torch.chunk's,
@@ -77,6 +85,11 @@ class ShardedRows(Rows):
 
 
 Placement = Replicated | Owned | Rows | ShardedRows
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The (rows, cols) a parameter is laid out as in a stack: N-D as (shape[0], prod(rest))."""
+    return shape[0], math.prod(shape[1:])
 
 
 def sharded_rows(p: torch.Tensor, world_size: int) -> ShardedRows | None:
@@ -90,7 +103,7 @@ def sharded_rows(p: torch.Tensor, world_size: int) -> ShardedRows | None:
                          "only Shard(0) on a 1-D mesh (FSDP2's fully_shard) is supported")
     if p.device_mesh.size() != world_size:
         raise ValueError(f"a DTensor parameter lives on a mesh of {p.device_mesh.size()} ranks, the optimizer "
-                         f"shards over {world_size}: pass the mesh's process group")
+                         f"shards over {world_size}: pass the mesh's process group (or none: it is the default)")
     return ShardedRows(p.shape[0], chunk_rows(p.shape[0], world_size))
 
 
@@ -108,7 +121,7 @@ def ns_cost(shape, steps: int = 5) -> int:
     """Newton-Schulz work of one matrix, steps·s²·(2l + s) multiply-adds with s, l its short
     and long side: per iteration the s×s Gram matrix (s²·l), its polynomial (s³) and the
     product with X (s²·l)."""
-    rows, cols = shape[0], math.prod(shape[1:])
+    rows, cols = matrix_shape(shape)
     s, l = min(rows, cols), max(rows, cols)
     return steps * s * s * (2 * l + s)
 

@@ -43,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from torch_impl.data.tokenizer import load_tokenizer, save_tokenizer
 from torch_impl.models.gpt import GPT, GPTConfig
+from torch_impl.sharding.comm import any_rank, barrier, is_initialized, world
 from torch_impl.sharding.optimizer_checkpoint import load_optimizer, save_optimizer
 
 FORMAT_VERSION = 1
@@ -58,15 +58,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, or does not fit the current run."""
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -202,15 +193,13 @@ def _set_rng_state(state: dict) -> None:
 def _agree_saved(failure: BaseException | None, tmp: Path, final: Path, rank: int) -> None:
     """Collective: if the save failed on any rank, remove the partial save and raise CheckpointError on
     every rank (with this rank's reason, or a pointer to the rank that failed)."""
-    failed = torch.tensor([failure is not None], dtype=torch.int32)
-    if _distributed():
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if not failed.item():
+    (failed,) = any_rank([failure is not None])
+    if not failed:
         return
-    _barrier()
+    barrier()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     reason = (f"{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure).strip() else ''}"
               if failure is not None else "it failed on another rank")
     raise CheckpointError(f"saving checkpoint {final.name} failed ({reason}); the partial save was removed and the "
@@ -229,13 +218,13 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
         for stale in root.glob(".tmp-*") if root.is_dir() else ():
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     # A write that fails (a full disk, a vanished file system) on any rank fails the save on every rank,
     # agreed before anything is renamed: the partial save is removed and the previous checkpoint stays.
     failure = None
     try:
         with _quiet_no_dist():
-            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp / "model", no_dist=not _distributed())
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp / "model", no_dist=not is_initialized())
         save_optimizer(optimizer, tmp / "optimizer")
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
@@ -246,7 +235,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
         try:
             save_tokenizer(tokenizer, tmp)
             meta = dict(format=FORMAT_VERSION, step=step, loader=loader_state, model_config=asdict(model.config),
-                        world_size=dist.get_world_size() if _distributed() else 1, **extra_meta,
+                        world_size=world()[1], **extra_meta,
                         files=manifest(tmp))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         except OSError as e:
@@ -268,7 +257,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: GPT, optimizer
                 trash = old_ckpt.with_name(f".tmp-old-{old_ckpt.name}")
                 old_ckpt.rename(trash)
                 shutil.rmtree(trash)
-    _barrier()
+    barrier()
     return final
 
 
@@ -280,7 +269,7 @@ def load_model_state(ckpt: str | os.PathLike, model: GPT) -> None:
     whatever the sharding and world size at save time."""
     state = {"model": get_model_state_dict(model)}
     with _quiet_no_dist():
-        dcp.load(state, checkpoint_id=Path(ckpt) / "model", no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=Path(ckpt) / "model", no_dist=not is_initialized())
     set_model_state_dict(model, state["model"])
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from torch_impl.optim.muon import ORTHOGONALIZERS, check_orthogonalizer, default_steps
+from torch_impl.orthogonalizers.registry import ORTHOGONALIZERS, check_orthogonalizer, default_steps
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from torch_impl.data.corpus import CorpusError, load_corpus
 from torch_impl.data.loader import split_documents, tokenize_documents
 from torch_impl.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.sharding.comm import Dist
+from torch_impl.sharding.comm import broadcast_object
 from torch_impl.training import lr_schedule
 from torch_impl.training.checkpoint import (
     CheckpointError,
@@ -35,6 +34,7 @@ from torch_impl.training.checkpoint import (
     verify_checkpoint,
 )
 from torch_impl.training.config import TrainConfig, UsageError
+from torch_impl.training.runtime import Dist
 
 # the run directory's files (besides checkpoints/)
 METRICS_FILE = "metrics.jsonl"
@@ -61,7 +61,6 @@ class Plan:
     out_dir: Path
     ns_dtype: torch.dtype
     resume_from: Path | None
-    resume_meta: dict | None
     replace_previous: bool  # --overwrite, or --resume auto without a checkpoint: clear the old run first
 
 
@@ -70,8 +69,21 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     cfg.validate()
     out_dir = Path(cfg.out_dir if cfg.out_dir is not None else f"runs/d{cfg.depth}")
     check_out_dir(out_dir)  # before the corpus is read: a typo should not cost minutes of loading
+    resume_from, resume_meta, fresh_start = choose_resume(cfg, out_dir, d)
+    tokenizer, train_docs, val_docs = read_data(cfg, resume_from, d)
+    train_tokens = tokenize_documents(train_docs, tokenizer)
+    val_tokens = tokenize_documents(val_docs, tokenizer)
+    config = gpt_config(cfg, tokenizer.vocab_size)
+    grad_accum, total_batch_size, num_steps, eval_steps = batch_arithmetic(cfg, config, d, train_tokens, val_tokens)
+    if resume_meta is not None:
+        check_resume(resume_from, resume_meta, config, cfg, train_tokens, val_tokens, num_steps)
+    return Plan(cfg, config, tokenizer, train_tokens, val_tokens, (len(train_docs), len(val_docs)), grad_accum,
+                total_batch_size, num_steps, eval_steps, out_dir, cfg.muon_ns_dtype(d.device.type), resume_from,
+                cfg.overwrite or fresh_start)
 
-    # which checkpoint to resume from, and what it says
+
+def choose_resume(cfg: TrainConfig, out_dir: Path, d: Dist) -> tuple[Path | None, dict | None, bool]:
+    """(the checkpoint to resume from, its meta, whether --resume auto found none and starts afresh)."""
     resume_from, resume_meta = None, None
     # --resume auto: continue if there is a checkpoint, else start afresh (replacing what a run that
     # died before its first checkpoint left behind)
@@ -89,8 +101,11 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
           and (list_checkpoints(out_dir) or (out_dir / METRICS_FILE).exists())):
         raise UsageError(f"{out_dir} holds a previous run; pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another --out-dir")
+    return resume_from, resume_meta, fresh_start
 
-    # corpus -> split -> tokenizer -> token streams
+
+def read_data(cfg: TrainConfig, resume_from: Path | None, d: Dist) -> tuple[object, list[str], list[str]]:
+    """corpus -> split -> tokenizer (the checkpoint's on resume): (tokenizer, train docs, val docs)."""
     try:
         docs = load_corpus(cfg.data, cfg.max_corpus_bytes)
         train_docs, val_docs = split_documents(docs, cfg.val_fraction)
@@ -99,21 +114,21 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     except ValueError as e:
         raise UsageError(f"corpus: {e} (a single text file is one document: pass several files or a "
                          f"directory)") from None
-    if resume_from is not None:
-        try:
-            tokenizer = load_tokenizer(resume_from)
-        except (OSError, ValueError, ImportError) as e:
-            raise UsageError(f"--resume: cannot load the checkpoint's tokenizer: {e}") from None
-        if tokenizer.kind != cfg.tokenizer:
-            raise UsageError(f"--resume: checkpoint {resume_from} was trained with the {tokenizer.kind} tokenizer, "
-                             f"this run asks for --tokenizer {cfg.tokenizer}")
-    else:
-        tokenizer = build_tokenizer(cfg, train_docs, d)
-    train_tokens = tokenize_documents(train_docs, tokenizer)
-    val_tokens = tokenize_documents(val_docs, tokenizer)
+    if resume_from is None:
+        return build_tokenizer(cfg, train_docs, d), train_docs, val_docs
+    try:
+        tokenizer = load_tokenizer(resume_from)
+    except (OSError, ValueError, ImportError) as e:
+        raise UsageError(f"--resume: cannot load the checkpoint's tokenizer: {e}") from None
+    if tokenizer.kind != cfg.tokenizer:
+        raise UsageError(f"--resume: checkpoint {resume_from} was trained with the {tokenizer.kind} tokenizer, "
+                         f"this run asks for --tokenizer {cfg.tokenizer}")
+    return tokenizer, train_docs, val_docs
 
-    # model and batch arithmetic
-    config = gpt_config(cfg, tokenizer.vocab_size)
+
+def batch_arithmetic(cfg: TrainConfig, config: GPTConfig, d: Dist, train_tokens: np.ndarray,
+                     val_tokens: np.ndarray) -> tuple[int, int, int, int]:
+    """(grad_accum, total_batch_size, num_steps, eval_steps), each checked."""
     micro_tokens = cfg.device_batch_size * cfg.seq_len * d.world_size
     total_batch_size = cfg.total_batch_size if cfg.total_batch_size is not None else micro_tokens
     if total_batch_size % micro_tokens:
@@ -146,14 +161,7 @@ def plan_run(cfg: TrainConfig, d: Dist) -> Plan:
     # evaluate on whole micro-batches, never wrapping around the validation stream (that would count
     # tokens twice)
     eval_steps = max(1, min(cfg.eval_tokens // micro_tokens, (len(val_tokens) - 1) // micro_tokens))
-
-    ns_dtype = cfg.muon_ns_dtype(d.device.type)
-
-    if resume_meta is not None:
-        check_resume(resume_from, resume_meta, config, cfg, train_tokens, val_tokens, num_steps)
-    return Plan(cfg, config, tokenizer, train_tokens, val_tokens, (len(train_docs), len(val_docs)), grad_accum,
-                total_batch_size, num_steps, eval_steps, out_dir, ns_dtype, resume_from, resume_meta,
-                cfg.overwrite or fresh_start)
+    return grad_accum, total_batch_size, num_steps, eval_steps
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -185,17 +193,16 @@ def build_tokenizer(cfg: TrainConfig, train_docs: list[str], d: Dist):
         return ByteTokenizer()
     # BPE training is not guaranteed to break ties identically everywhere: train once, broadcast the result
     # (as the tokenizer's JSON file, through the system temp dir: nothing lands in out_dir before validation)
-    payload = [None]
+    payload = None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tokenizer.json"
         if d.master:
             tok = BPETokenizer.train(train_docs, cfg.vocab_size)
             tok.save(path)
-            payload = [path.read_text()]
-        if d.active:
-            dist.broadcast_object_list(payload, src=0)
+            payload = path.read_text()
+        payload = broadcast_object(payload, src=0)
         if not d.master:
-            path.write_text(payload[0])
+            path.write_text(payload)
             tok = BPETokenizer.load(path)
     return tok
 

@@ -4,7 +4,7 @@ scheduler that preempts the job, SIGINT from Ctrl-C).
     with StopSignals() as stop:
         while training:
             step()
-            if stop.agreed(d):       # one small all_reduce: any rank signalled → every rank stops
+            signalled, due = stop.agreed(checkpoint_due=False)  # any rank signalled → every rank stops
                 save_checkpoint(...); break
 
 The first signal only sets a flag: the step in flight finishes, every rank learns of it at the
@@ -19,8 +19,7 @@ from __future__ import annotations
 import signal
 import sys
 
-import torch
-import torch.distributed as dist
+from torch_impl.sharding.comm import any_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -53,14 +52,11 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-    def agreed(self, device: torch.device, active: bool, checkpoint_due: bool) -> tuple[int | None, bool]:
-        """(the signal number if any rank received one, else None; whether any rank found a
-        time-based checkpoint due). Every rank gets the same answer: one all_reduce(MAX) of two
-        integers when `active` (ranks' clocks and signals need not agree)."""
-        flags = torch.tensor([self.received or 0, int(checkpoint_due)], dtype=torch.int64, device=device)
-        if active:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, due = flags.tolist()
+    def agreed(self, checkpoint_due: bool, group=None) -> tuple[int | None, bool]:
+        """(the signal number if any rank of `group` received one, else None; whether any rank
+        found a time-based checkpoint due). Every rank gets the same answer: one any_rank of two
+        integers (ranks' clocks and signals need not agree)."""
+        signum, due = any_rank([self.received or 0, int(checkpoint_due)], group)
         return signum or None, bool(due)
 
 

@@ -25,7 +25,6 @@ from jax_reference.optim.muon import (
     muon,
     normuon,
     normuon_state_shape,
-    resolve_orthogonalizer,
     scale_by_normuon,
     scale_by_orthogonalized_momentum,
     scale_by_shape,
@@ -33,6 +32,7 @@ from jax_reference.optim.muon import (
 )
 from jax_reference.optim.nonfinite import NonFiniteGradientError
 from jax_reference.orthogonalizers.newton_schulz import newton_schulz, polar_express
+from jax_reference.orthogonalizers.registry import resolve_orthogonalizer
 
 field = optax.tree_utils.tree_get  # finds a state field by name anywhere in a nested state
 

@@ -23,7 +23,7 @@ from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_reference.optim.hybrid import hybrid
-from jax_reference.optim.muon import as_matrix_shape, muon
+from jax_reference.optim.muon import as_matrix_shape, muon, sharded_muon
 from jax_reference.orthogonalizers.newton_schulz import newton_schulz
 from jax_reference.sharding.placement import chunk_rows
 from jax_reference.sharding.sharded import (
@@ -33,7 +33,6 @@ from jax_reference.sharding.sharded import (
     row_mesh,
     shard_rows,
     sharded,
-    sharded_muon,
     unshard_rows,
 )
 from tests.jax_reference.optim.test_muon import examples

@@ -12,18 +12,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torch_impl.optim.muon import (
-    NS_EPS,
-    ORTHOGONALIZERS,
-    SHAPE_SCALES,
-    MuonHyper,
-    as_matrix_shape,
-    muon_step,
-    normuon_state_shape,
-    resolve_orthogonalizer,
-    shape_scale,
-)
+from torch_impl.optim.muon import SHAPE_SCALES, MuonHyper, as_matrix_shape, muon_step, normuon_state_shape, shape_scale
 from torch_impl.orthogonalizers.newton_schulz import newton_schulz, polar_express
+from torch_impl.orthogonalizers.registry import NS_EPS, ORTHOGONALIZERS, resolve_orthogonalizer
 
 # ---- shape rules ---------------------------------------------------------------------------
 

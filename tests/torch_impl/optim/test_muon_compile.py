@@ -15,7 +15,7 @@ import torch._dynamo  # noqa: F401  (counters, reset)
 from torch._dynamo.utils import counters
 
 from tests.rounding_bounds import FP32_U, ns_condition, tolerance
-from torch_impl.optim.base import Muon, hybrid
+from torch_impl.optim import Muon, hybrid
 from torch_impl.optim.muon import shape_scale
 from torch_impl.orthogonalizers.newton_schulz import POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_NORM_SCALE
 

@@ -1,109 +1,35 @@
-"""torch_impl.optim.muon's named orthogonalizers and the MuonEq / Muon+ options, alone and inside
-torch_impl.optim.base.Muon (.specs/orthogonalizers.md §1, §6). torch only; the rest of the step is tested
-in test_muon.py / test_optim.py, the JAX side in tests/jax_reference/optim/test_muon_variants.py, the two
-registries and trajectories compared in parity_tests/test_orthogonalizer_zoo_parity.py."""
+"""torch_impl.optim.muon.Muon with every named orthogonalizer and with the MuonEq / Muon+ options
+(.specs/orthogonalizers.md §1, §6): dispatch, step counts checked when built, the options' effect
+on a step. torch only; the registry and the options alone are tested in tests/torch_impl/
+orthogonalizers/, the rest of the step in test_muon.py / test_base.py, the JAX side in
+tests/jax_reference/optim/test_muon_variants.py, the two compared in
+parity_tests/test_orthogonalizer_zoo_parity.py."""
 
 from __future__ import annotations
 
-import functools
 import math
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
 
-from tests.orthogonalizer_bad_inputs import BAD_INPUTS
-from tests.orthogonalizer_cases import FEW_DIMS, SEEDS, examples, matrix, rel_err
-from tests.rounding_bounds import FP32_U, equilibrate_bound, gram_condition, ns_condition, tolerance
-from torch_impl.optim.base import Muon
-from torch_impl.optim.muon import (
-    NS_EPS,
-    ORTHOGONALIZER_SCHEDULES,
-    ORTHOGONALIZERS,
-    MuonHyper,
-    balanced,
-    check_orthogonalizer,
-    default_steps,
-    frobenius_renormalize,
-    muon_step,
-    resolve_orthogonalizer,
-    row_equilibrate,
-)
-from torch_impl.orthogonalizers.aol import aol
-from torch_impl.orthogonalizers.gram_newton_schulz import gram_newton_schulz
+from tests.orthogonalizer_cases import identity, matrix, muon_plus, nanochat_row_equilibrate, rel_err
+from tests.torch_impl.orthogonalizers.test_registry import NAMES, PUBLIC, f64, fp32_tolerance
+from torch_impl.optim import Muon
+from torch_impl.optim.muon import MuonHyper, muon_step
 from torch_impl.orthogonalizers.newton_schulz import (
     POLAR_EXPRESS_COEFFS,
-    newton_schulz,
-    polar_express,
     polynomial_oracle,
 )
-from torch_impl.orthogonalizers.schedules import SCHEDULES, cans, cubic, deepseek_v4
+from torch_impl.orthogonalizers.registry import (
+    NS_EPS,
+    ORTHOGONALIZERS,
+    check_orthogonalizer,
+    default_steps,
+    resolve_orthogonalizer,
+)
 
-NAMES = sorted(ORTHOGONALIZERS)
-PUBLIC = {"newton_schulz": newton_schulz, "polar_express": polar_express, "gram_newton_schulz": gram_newton_schulz,
-          "aol": aol, "cans": cans, "cubic": cubic, "deepseek_v4": deepseek_v4}
-SPEC = Path(__file__).resolve().parents[3] / ".specs" / "orthogonalizers.md"
-
-
-def spec_registry() -> dict[str, str]:
-    """name -> the 'steps supported (default)' cell of the registry table in spec §1."""
-    text = SPEC.read_text()
-    section = text[text.index("## §1"):text.index("## §2")]
-    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
-    return {row[1].strip().strip("`"): row[-2].strip() for row in rows}
-
-
-def f64(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to(torch.float64).numpy()
-
-
-def fp32_tolerance(name):
-    """2·u·κ of the named orthogonalizer at its default steps (rounding_bounds.py)."""
-    s = SCHEDULES[ORTHOGONALIZER_SCHEDULES[name]]
-    triples = s.triples(s.default_steps)
-    kappa = ns_condition(triples, 1 / s.norm_scale)
-    if name == "gram_newton_schulz":
-        kappa += gram_condition(triples, (2,), 1 / s.norm_scale)
-    return tolerance(FP32_U, kappa)
-
-
-def orth(name, X, dtype=torch.float32):
-    return ORTHOGONALIZERS[name](X, steps=default_steps(name), eps=NS_EPS, compute_dtype=dtype)
-
-
-def identity(X, steps, eps, compute_dtype):
-    return X
-
-
-# ---- the registry --------------------------------------------------------------------
-
-
-def test_registry_names_and_schedules():
-    # The JAX registry's names, in its order (equality of the two registries is checked in
-    # parity_tests, which may import both frameworks); here against spec §1's table.
-    names = ("newton_schulz", "polar_express", "gram_newton_schulz", "aol", "cans", "cubic", "deepseek_v4")
-    assert tuple(ORTHOGONALIZERS) == names == tuple(spec_registry())
-    assert tuple(ORTHOGONALIZER_SCHEDULES) == names
-    assert ORTHOGONALIZER_SCHEDULES["gram_newton_schulz"] == "polar_express"
-    assert all(ORTHOGONALIZER_SCHEDULES[n] == n for n in names if n != "gram_newton_schulz")
-    for name, fn in ORTHOGONALIZERS.items():  # the public function, its own finite check off (Muon checks)
-        assert isinstance(fn, functools.partial) and fn.func is PUBLIC[name], name
-        assert fn.args == () and fn.keywords == {"check_finite": False}, name
-
-
-def test_default_steps_follow_the_spec_table():
-    expected = {"newton_schulz": 5, "polar_express": 5, "gram_newton_schulz": 5, "aol": 4, "cans": 5, "cubic": 5,
-                "deepseek_v4": 10}
-    assert {name: default_steps(name) for name in ORTHOGONALIZERS} == expected
-    words = {"≥ 1": "steps >= 1", "≥ 10": "steps >= 10", "1..5": "1 <= steps <= 5", "exactly 5": "steps = 5 only"}
-    for name, cell in spec_registry().items():
-        assert int(re.findall(r"\((\d+)\)", cell)[0]) == default_steps(name), name
-        rule = next(words[k] for k in sorted(words, key=len, reverse=True) if cell.startswith(k))
-        assert SCHEDULES[ORTHOGONALIZER_SCHEDULES[name]].supported() == rule, name
-    assert default_steps(identity) == 5  # a callable: Muon's default
+# ---- the registry, through Muon ------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -179,119 +105,7 @@ def test_unknown_orthogonalizer_lists_every_name():
         resolve_orthogonalizer("svd", 5, torch.float32)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_shape_dtype_zero_and_bad_inputs(name):
-    G = torch.from_numpy(matrix("gaussian", 2, 2 * 8, 32).reshape(2, 8, 32)).bfloat16()
-    out = orth(name, G, torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 32)
-    assert torch.equal(orth(name, torch.zeros(8, 32)), torch.zeros(8, 32))  # zero maps to zero
-    for case, (x, message) in BAD_INPUTS.items():
-        with pytest.raises(ValueError, match=message):  # the public function checks everything
-            PUBLIC[name](torch.from_numpy(x), steps=default_steps(name))
-        if case in ("nan", "inf"):  # the registered one leaves non-finite input to Muon's per-step check
-            assert not torch.isfinite(orth(name, torch.from_numpy(x))).all()
-        else:
-            with pytest.raises(ValueError, match=message):
-                orth(name, torch.from_numpy(x))
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_tall_and_batch_agree(name):
-    # The same math each way in other summation orders: each within 2·u·κ of the exact result, so
-    # within twice that of each other. A missing transpose-back or a mixed-up batch is O(1).
-    G = torch.from_numpy(matrix("gaussian", 9, 2 * 8, 32).reshape(2, 8, 32))
-    base = f64(orth(name, G))
-    tol = 2 * fp32_tolerance(name)
-    tall = f64(orth(name, G.mT.contiguous()))
-    assert rel_err(np.swapaxes(tall, -1, -2), base) <= tol
-    looped = np.stack([f64(orth(name, G[i])) for i in range(2)])
-    assert rel_err(looped, base) <= tol
-    if name == "aol":  # a square matrix is "wide": AOL scales its rows, its transpose's columns (spec §4)
-        S = G[0, :, :8] * torch.logspace(0, -1, 8)[:, None]
-        assert rel_err(f64(orth(name, S.mT.contiguous())).T, f64(orth(name, S))) > 1e-3
-
-
 # ---- MuonEq and Muon+ (spec §6) ------------------------------------------------------
-
-
-def nanochat_row_equilibrate(X):
-    """nanochat's MuonEq in numpy fp64: target = ‖X‖_F/√rows, row norms floored at 1e-6."""
-    target = np.linalg.norm(X) / np.sqrt(X.shape[0])
-    return X * (target / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-6))
-
-
-def muon_plus(O):
-    """Muon+ in numpy fp64: O·√min(rows, cols)/max(‖O‖_F, 1e-6)."""
-    return O * np.sqrt(min(O.shape)) / max(np.linalg.norm(O), 1e-6)
-
-
-@examples(0.6)
-@given(m=FEW_DIMS, n=FEW_DIMS, seed=SEEDS)
-def test_row_equilibrate(m, n, seed):
-    X = matrix("gaussian", seed, m, n) * np.exp(np.random.default_rng(seed).uniform(-3, 3, (m, 1))).astype(np.float32)
-    X[0] = 0.0  # a zero row stays zero
-    out = row_equilibrate(torch.from_numpy(X))
-    assert out.dtype == torch.float32 and out.shape == (m, n)
-    out = f64(out)
-    # fp32 sums of squares, square roots, a division and a product: within the worst-case summation bound
-    # (tests/rounding_bounds.py; 8.0e-6 at 32×8, 3.2e-5 at 32×32; measured 1.35e-6 at 32×32, seed 523,
-    # where the former 1e-6 failed). A wrong target (√cols) or a missing row norm is O(1).
-    assert rel_err(out, nanochat_row_equilibrate(X.astype(np.float64))) <= equilibrate_bound(m, n)
-    norms = np.linalg.norm(out[1:], axis=1)
-    target = np.linalg.norm(X.astype(np.float64)) / np.sqrt(m)
-    np.testing.assert_allclose(norms, target, rtol=1e-5)  # every non-zero row at the quadratic mean
-    np.testing.assert_array_equal(out[0], 0.0)
-    # Each row keeps its direction: a positive multiple of the input row.
-    np.testing.assert_allclose(out[1:] / np.linalg.norm(out[1:], axis=1, keepdims=True),
-                               X[1:] / np.linalg.norm(X[1:], axis=1, keepdims=True), atol=1e-6)
-
-
-def test_row_equilibrate_keeps_the_norm_per_matrix_and_floors_tiny_rows():
-    # No zero row: ‖X‖_F is kept exactly (up to fp32 rounding), each matrix of a batch on its own.
-    X = torch.from_numpy(matrix("gaussian", 3, 3 * 8, 16).reshape(3, 8, 16)) * torch.tensor([1e-3, 1.0, 1e3])[:, None,
-                                                                                                             None]
-    out = row_equilibrate(X)
-    torch.testing.assert_close(out.square().sum((-2, -1)).sqrt(), X.square().sum((-2, -1)).sqrt(), rtol=1e-6, atol=0)
-    for i in range(3):
-        assert torch.equal(row_equilibrate(X[i]), out[i])  # per-matrix reductions on the same numbers: bitwise
-    # A row below the 1e-6 floor is scaled by t/1e-6, not to norm t (nanochat's clamp_min).
-    Y = torch.ones(2, 4)
-    Y[1] = 1e-9
-    t = math.sqrt((4 + 4e-18) / 2)
-    torch.testing.assert_close(row_equilibrate(Y)[1], torch.full((4,), 1e-9 * t / 1e-6), rtol=1e-6, atol=0)
-
-
-@examples(0.6)
-@given(m=FEW_DIMS, n=FEW_DIMS, seed=SEEDS)
-def test_frobenius_renormalize(m, n, seed):
-    O = matrix("gaussian", seed, m, n) * np.float32(10.0 ** (seed % 5 - 2))
-    out = f64(frobenius_renormalize(torch.from_numpy(O)))
-    assert abs(np.linalg.norm(out) / np.sqrt(min(m, n)) - 1) <= 1e-6  # ‖O‖_F = √min(m, n), fp32 rounding
-    np.testing.assert_allclose(out * (np.linalg.norm(O) / np.linalg.norm(out)), O, rtol=1e-5, atol=1e-30)
-    np.testing.assert_allclose(out, muon_plus(O.astype(np.float64)), rtol=1e-6, atol=0)  # a few fp32 ulps
-    assert torch.equal(frobenius_renormalize(torch.zeros(m, n)), torch.zeros(m, n))
-    # batch: per matrix
-    two = frobenius_renormalize(torch.from_numpy(np.stack([O, 2 * O])))
-    torch.testing.assert_close(two[0], two[1], rtol=1e-6, atol=0)
-
-
-def test_balanced_composes_in_the_spec_order():
-    calls = []
-
-    def spy(X):
-        calls.append(X.clone())
-        return 3 * X.double()  # a different dtype and scale: the result is fp32, renormalised
-
-    X = torch.from_numpy(matrix("gaussian", 1, 8, 16)) * torch.logspace(0, -3, 8)[:, None]
-    assert balanced(spy, False, False) is spy  # off: the orth callable itself (Muon unchanged bit for bit)
-    out = balanced(spy, True, False)(X)
-    assert torch.equal(calls[-1], row_equilibrate(X)) and out.dtype == torch.float32
-    torch.testing.assert_close(out, 3 * row_equilibrate(X), rtol=1e-6, atol=0)
-    out = balanced(spy, False, True)(X)
-    assert torch.equal(calls[-1], X) and torch.equal(out, frobenius_renormalize((3 * X.double()).float()))
-    out = balanced(spy, True, True)(X)
-    assert torch.equal(calls[-1], row_equilibrate(X))
-    assert torch.equal(out, frobenius_renormalize((3 * row_equilibrate(X).double()).float()))
 
 
 def make_params(shapes, seed=0):

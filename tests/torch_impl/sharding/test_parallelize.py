@@ -8,7 +8,7 @@ import copy
 import torch
 
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.optim.base import hybrid
+from torch_impl.optim import hybrid
 from torch_impl.sharding.parallelize import apply_activation_checkpointing
 
 

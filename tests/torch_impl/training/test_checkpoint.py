@@ -13,7 +13,7 @@ import torch
 
 from torch_impl.data.tokenizer import ByteTokenizer
 from torch_impl.models.gpt import GPT, GPTConfig
-from torch_impl.optim.base import hybrid
+from torch_impl.optim import hybrid
 from torch_impl.training.checkpoint import load_training_state, save_checkpoint, verify_checkpoint
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=257, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
