@@ -29,8 +29,11 @@ run: $(VENV)/.installed
 bench-quick: $(VENV)/.installed
 	$(PY) -m benchmarks --quick --out reports/quick
 
+# The CI suite on TEST_WORKERS processes (pytest-xdist; work stealing keeps the long tests from
+# ending up last on one worker). Each worker computes on one thread (conftest.py).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not cuda"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not cuda"
 
 parity: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q parity_tests

@@ -16,6 +16,12 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
+# Under pytest-xdist (-n 2, the CI command) each worker computes on one thread: two workers on two
+# cores, not two workers × two OpenMP threads (oversubscribed intra-op threads make torch several
+# times slower, not faster). Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 

@@ -4,7 +4,7 @@ outside implementations, with the polar error of each one's orthogonalized direc
 Parameter set: `--layers` blocks of the 6 matrices of a d12 block (width 768: q, k, v, proj
 768×768, c_fc 3072×768, c_proj 768×3072, torch layout); 12 layers is the full d12. Fixed
 Gaussian gradients, lr 0.02, momentum 0.95 (Nesterov), no weight decay. Implementations:
-  - torch_impl.optim.base.Muon with each orthogonalizer (muon.default_steps, NS in each --ns-dtype, fp32
+  - torch_impl.optim.Muon with each orthogonalizer (registry.default_steps, NS in each --ns-dtype, fp32
     by default), plain Muon (no NorMuon); plus Polar Express with NorMuon (β₂ 0.95), MuonEq and Muon+
     (nanochat's feature set); with --compile, Muon(compile=True) of each (cold compile in warm-up);
   - torch.optim.Muon (NS5 in bf16 inside, whatever the parameters' dtype; skipped on CPUs where

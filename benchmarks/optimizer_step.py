@@ -5,7 +5,7 @@ d12 (768 wide, 12 layers) and d20 (1280 wide, 20 layers); --quick uses depth 2, 
 vocab 4096. The parameter shapes and their split come from the model itself (torch_impl.models.gpt on
 the meta device, optim.label_param). Families, each timed interleaved (report.interleaved_times):
 
-- Muon (the block matrices): ours (torch_impl.optim.base.Muon, stacked, batched NS) vs "torch.optim" =
+- Muon (the block matrices): ours (torch_impl.optim.Muon, stacked, batched NS) vs "torch.optim" =
   torch.optim.Muon (a per-parameter loop) vs optax.contrib.muon and jax_reference.optim.muon (jit);
 - AdamW (embedding, lm_head, scalars): ours vs "torch.optim" = torch.optim.AdamW(foreach=True) and
   "torch.optim, AdamW fused" = torch.optim.AdamW(fused=True) vs optax.adamw and jax_reference.optim.adamw (jit);

@@ -2,9 +2,9 @@
 
 Speed — wall time per call on a Gaussian input of each GPT matrix shape (d12: 768×768, 3072×768,
 768×3072; d20: 1280×1280, 5120×1280, 1280×5120; stacks 4×768×768 and 6×768×3072), of
-  - torch_impl eager: muon.ORTHOGONALIZERS[name](X, steps=default_steps(name), eps=1e-7,
+  - torch_impl eager: registry.ORTHOGONALIZERS[name](X, steps=default_steps(name), eps=1e-7,
     compute_dtype=dtype), fp32 input (and torch.compile of it with --compile);
-  - jax.jit of jax_reference.optim.muon.ORTHOGONALIZERS[name], the same arguments;
+  - jax.jit of jax_reference.orthogonalizers.registry.ORTHOGONALIZERS[name], the same arguments;
   - optax's Newton-Schulz (NS5, the Polar Express table, AOL) under jax.jit; torch.optim.Muon's NS
     (bf16 inside); nanochat's fused Muon step run eagerly (its Polar Express *plus* momentum, MuonEq,
     Muon+, NorMuon and the update), when NANOCHAT_OPTIM is set (benchmarks/outside.py);
@@ -300,7 +300,7 @@ def measure(args) -> Suite:
             speed += s
             quality += q
     notes = (f"torch on {args.device}, {jax_note}. Median of {args.repeats} interleaved timed "
-             "rounds after one untimed warm-up call each (jit compile excluded). Steps: muon.default_steps. "
+             "rounds after one untimed warm-up call each (jit compile excluded). Steps: registry.default_steps. "
              "Inputs fp32; dtype = compute dtype (optax computes in its input dtype, so it gets a bf16 input "
              "for bf16). torch.optim.Muon's NS always computes in bf16 whatever the dtype column says. "
              "nanochat: " + (f"{why}; its fused step run eagerly (the function torch.compile wraps), timed "

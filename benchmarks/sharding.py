@@ -23,7 +23,7 @@ the send buffers still in flight), optimizer state after the step; each against 
     fsdp_torch_muon params P/N   grads P/N                        state (M + 2A)/N
 
 Bytes per step and rank: the optimizers' own ring-model counters (for torch.optim.Muon,
-distributed.DTensorTraffic), with their theory (ZeRO-2: reduce_scatter + all_gather =
+benchmarks/traffic.py DTensorTraffic), with their theory (ZeRO-2: reduce_scatter + all_gather =
 2·(N−1)/N of the padded bytes; FSDP2 Muon: the two all_to_alls move each rank's rows of the
 matrices it does not own, 2·(N−1)/N² of M per rank on average), and the kernel's loopback
 transmit bytes over all ranks / N, which include FSDP's own gathers and reduce_scatters.

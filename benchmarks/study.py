@@ -6,7 +6,7 @@ corpus (the Python standard library's source), the same steps, batch, schedules 
 set. Only the optimizer of the block matrices changes between configurations:
 
 - adamw: `--optimizer adamw`, AdamW for every parameter (the baseline);
-- one configuration per orthogonalizer of torch_impl.optim.muon.ORTHOGONALIZERS: the nanochat hybrid
+- one configuration per orthogonalizer of torch_impl.orthogonalizers.registry.ORTHOGONALIZERS: the nanochat hybrid
   (Muon for the block matrices, AdamW for the embedding, lm_head and scalars) with
   `--orthogonalizer NAME` at its published step count (default_steps), computed in the trainer's
   --ns-dtype auto (float32 on CPU, bfloat16 on CUDA).

@@ -89,7 +89,7 @@ def test_mismatched_param_lists_raise_on_every_rank(rank_groups, n):
 
 
 def case_nonfinite_one_rank_adamw_only():
-    """A hybrid with no Muon part (train.py --optimizer adamw): its one check must still be
+    """A hybrid with no Muon part (--optimizer adamw): its one check must still be
     the global one, or the bad rank raises alone and the others hang in DistAdamW."""
     model = {k: v for k, v in named_model().items() if not k.startswith("transformer.h.0.")}
     model["transformer.h.0.attn.gain"] = torch.nn.Parameter(exact_randn((8,), 4))

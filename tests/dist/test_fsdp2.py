@@ -334,7 +334,7 @@ def test_gpt_hybrid_on_fsdp2_equals_single_device_bitwise(rank_groups, n, accum,
 # ---- DCP checkpoints of a sharded model and optimizer: saved at N ranks, loaded at M ------------
 # The hybrid on the parameters of test_dist_hybrid.py (Muon stacks with bf16, NorMuon, cautious
 # decay; AdamW rows and small parameters), all FSDP2 DTensors. The model goes through DCP as
-# DTensor row shards, the optimizer through opt_checkpoint; with exact gradients every world
+# DTensor row shards, the optimizer through sharding/optimizer_checkpoint.py; with exact gradients every world
 # size equals the single-device run bit for bit, so a run resumed at M must equal it too.
 
 def fsdp2_model(device_mesh):

@@ -12,12 +12,16 @@ def case_train(argv: list[str]) -> list[tuple[str, int, float]]:
     """Train with `argv` on this rank; rank 0 returns the run's (kind, step, loss) records."""
     from torch_impl.training.config import TrainConfig
     from torch_impl.training.loop import train
+    from torch_impl.training.out_dir import release_locks
     from torch_impl.training.plan import plan_run
     from torch_impl.training.runtime import init_from_env
 
     cfg = TrainConfig.from_argv(argv)
     d = init_from_env(cfg.device_type())
-    train(plan_run(cfg, d), d)
+    try:
+        train(plan_run(cfg, d), d)
+    finally:
+        release_locks()  # as main() does when the run ends: the out-dir lock is the process's
     if d.rank != 0:
         return []
     return [(r["type"], r["step"], r.get("loss", r.get("val_loss")))

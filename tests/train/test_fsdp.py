@@ -1,18 +1,21 @@
 """Training with --sharding fsdp (FSDP2, every parameter split by rows over 2 ranks) and
---activation-checkpointing, through torchrun as a user runs it.
+--activation-checkpointing: the trainer in process on 2 ranks of the rank pool (torchrun itself is
+exercised by test_resume.py, test_reliability.py and test_launch.py).
 
-Run F trains 6 steps straight; run G stops after step 3 and a second torchrun --resume finishes
+Run F trains 6 steps straight; run G stops after step 3 and a second run with --resume finishes
 it: losses (val included) and final weights must be bit-identical, as for the ZeRO-2 runs of
 test_resume.py (the DCP model checkpoint holds FSDP2's row shards). The same schedule under
 --sharding zero2 (run Z) follows the same trajectory: both average the two ranks' gradients
 and run the same optimizer math, only the collectives differ. G's step-3 checkpoint also
-resumes on one process without FSDP (DCP reads the row shards back into whole tensors).
+resumes on one process without FSDP, a subprocess with no process group (DCP reads the row
+shards back into whole tensors).
 """
 
 import pytest
 import torch
 
 from tests.train.common import TINY, check, metrics, run
+from tests.train.ranks import case_train
 from torch_impl.training.checkpoint import load_model
 
 ARGS = [*TINY, "--steps", "6", "--eval-every", "3", "--grad-clip", "1.0", "--total-batch-size", "512"]
@@ -24,13 +27,15 @@ def losses(out_dir, kind=("train", "val")):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(rank_groups, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     f, g, z, one = root / "fsdp", root / "fsdp_interrupted", root / "zero2", root / "one_rank"
-    check(run([*ARGS, *FSDP, "--out-dir", str(f)], ranks=2))
-    check(run([*ARGS, *FSDP, "--out-dir", str(g), "--stop-at", "3"], ranks=2))
-    check(run([*ARGS, *FSDP, "--out-dir", str(g), "--resume"], ranks=2))
-    check(run([*ARGS, "--out-dir", str(z)], ranks=2))
+    two = rank_groups(2)  # the trainer in process on 2 ranks (tests/train/ranks.py): no torchrun start-up
+    two.run(case_train, [*ARGS, *FSDP, "--out-dir", str(f)])
+    two.run(case_train, [*ARGS, *FSDP, "--out-dir", str(g), "--stop-at", "3"])
+    two.run(case_train, [*ARGS, *FSDP, "--out-dir", str(g), "--resume"])
+    two.run(case_train, [*ARGS, "--out-dir", str(z)])
+    # one process and no process group at all, as `python -m torch_impl.train` runs
     check(run([*ARGS, "--out-dir", str(one), "--resume", str(g / "checkpoints" / "step_000003")]))
     return f, g, z, one
 

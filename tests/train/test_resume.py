@@ -1,7 +1,8 @@
 """2-rank resume reproduces an uninterrupted run exactly.
 
 Run A trains 6 steps straight. Run B trains the same 6-step schedule but stops after step 3 (a
-checkpoint, as if preempted), then a second torchrun --resume finishes it. Every logged loss and the
+checkpoint, as if preempted), then a torchrun --resume finishes it (A and B's first part run in
+process on the rank pool's 2 ranks). Every logged loss and the
 final weights must be bit-identical: the checkpoint restores weights, sharded DistMuon/DistAdamW state,
 data position and RNG exactly, and the schedules are pure functions of the step. Gradient clipping is on,
 so the rank-averaging clip path is part of the trajectory.
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from tests.train.common import TINY, check, metrics, run
+from tests.train.ranks import case_train
 from torch_impl.training.checkpoint import list_checkpoints, load_model
 
 # 512 tokens per step = 4 x 64 on each of 2 ranks, or 2 accumulated micro-batches on 1 rank: the same
@@ -29,11 +31,13 @@ def losses(out_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(rank_groups, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     a, b, c = root / "straight", root / "interrupted", root / "one_rank"
-    check(run([*ARGS, "--out-dir", str(a)], ranks=2))
-    check(run([*ARGS, "--out-dir", str(b), "--stop-at", "3", "--checkpoint-every", "2"], ranks=2))
+    # A and B's first part in process on 2 ranks of the rank pool (tests/train/ranks.py); B's resume
+    # under torchrun, as a user resumes
+    rank_groups(2).run(case_train, [*ARGS, "--out-dir", str(a)])
+    rank_groups(2).run(case_train, [*ARGS, "--out-dir", str(b), "--stop-at", "3", "--checkpoint-every", "2"])
     stopped = [s for s, _ in list_checkpoints(b)]
     resumed = check(run([*ARGS, "--out-dir", str(b), "--resume"], ranks=2))
     check(run([*ARGS, "--out-dir", str(c), "--resume", str(b / "checkpoints" / "step_000003")]))

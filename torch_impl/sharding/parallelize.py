@@ -11,11 +11,11 @@ file (torch_impl/models/gpt.py) knows nothing of them, and the optimizer sees on
                                             gradients reduce_scattered as soon as they are
                                             ready (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html)
 
-The optimizers (torch_impl/optim/base.py) take FSDP2's DTensors as they are: AdamW updates each
-rank's rows, Muon moves rows to each matrix's owner and back (optim.ShardedStack).
+The optimizers (torch_impl/optim/) take FSDP2's DTensors as they are: AdamW updates each
+rank's rows, Muon moves rows to each matrix's owner and back (sharding/row_owners.py).
 
 Checkpoint wrappers rename modules (`transformer.h.0._checkpoint_wrapped_module.attn...`);
-the optimizer split works on canonical names (optim.canonical_name), so they route alike.
+the optimizer split works on canonical names (optim/hybrid.py canonical_name), so they route alike.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Device facts shared by training and sampling: the autocast policy, a timing barrier, peak FLOP/s for MFU.
 
-Which device a process uses (and its process group) is chosen by torch_impl.sharding.comm.init_from_env.
+Which device a process uses (and its process group) is chosen by torch_impl.training.runtime.init_from_env.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """jax_reference.optim.muon against numpy fp64 (JAX only); the hybrid built on it is tested in
-test_optim.py, the non-finite policy module in test_nonfinite.py.
+test_hybrid.py, the non-finite policy module in test_nonfinite.py.
 
 Each transform of the chain (.specs/muon_math.md §3–§7) is tested on its own,
 then muon() as a whole against a numpy fp64 transcription of the spec.

@@ -1,5 +1,5 @@
 """jax_reference.optim.nonfinite: the policy names and error type shared by muon, adamw and the hybrid
-(their raise/skip behaviour is tested with each: test_muon.py, test_adamw.py, test_optim.py)."""
+(their raise/skip behaviour is tested with each: test_muon.py, test_adamw.py, test_hybrid.py)."""
 
 from jax_reference.optim.nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, check_policy
 

@@ -1,5 +1,5 @@
 """torch_impl.optim.adamw: the math of one AdamW step (`adamw_step`) on its own. The optimizer class
-around it is tested in test_optim.py, its sharded runs in tests/dist, and the class against
+around it is tested in test_base.py, its sharded runs in tests/dist, and the class against
 torch.optim.AdamW and the JAX reference in parity_tests/test_muon_parity.py."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """torch_impl.optim.muon: the math of one step (`muon_step`), the shape rules and
 `resolve_orthogonalizer`, on their own. The optimizer class around them is tested in
-test_optim.py, its sharded runs in tests/dist, the step against JAX in parity_tests."""
+test_base.py, its sharded runs in tests/dist, the step against JAX in parity_tests."""
 
 from __future__ import annotations
 
