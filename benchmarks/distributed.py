@@ -101,96 +101,109 @@ def join_group(rank: int, n: int, port: int) -> None:
 
 def _worker(rank, n, port, cfg, results):
     join_group(rank, n, port)
-    from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
-    from torch_impl.sharding.placement import ns_cost
-
-    def make(shapes, seed):
-        g = torch.Generator().manual_seed(seed)
-        ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
-        gg = torch.Generator().manual_seed(seed + 1 + rank)  # different data on every rank
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=gg)
-        return ps
-
-    rows = []
-    if n > 1:  # the raw collectives on a buffer the size of the Muon parameters
-        numel = sum(math.prod(s) for s in muon_shapes(cfg["n_layer"], cfg["d"])) // n * n
-        x, part, full = torch.randn(numel), torch.empty(numel // n), torch.empty(numel)
-        for name, fn, ring in (
-                ("reduce_scatter", lambda: dist.reduce_scatter_tensor(part, x, op=dist.ReduceOp.AVG), 1),
-                ("all_gather", lambda: dist.all_gather_into_tensor(full, part), 1),
-                ("all_reduce", lambda: dist.all_reduce(x, op=dist.ReduceOp.AVG), 2)):
-            (sec, lo, hi), wire = timed(fn, cfg["steps"])
-            theory = ring * (n - 1) / n * numel * 4
-            if rank == 0:
-                rows.append(dict(optimizer="gloo", scheme=name, world_size=n, step_s=sec, step_min_s=lo, step_max_s=hi,
-                                 param_MB=numel * 4 / 1e6, sent_MB_per_rank=theory / 1e6,
-                                 theory_MB_per_rank=theory / 1e6,
-                                 wire_MB_per_rank=None if wire is None else wire / n / 1e6))
-        del x, part, full
+    rows = _raw_collective_rows(rank, n, cfg) if n > 1 else []
     suites = [("muon", muon_shapes(cfg["n_layer"], cfg["d"]))]
     if cfg["vocab"]:
         suites.append(("adamw", [(cfg["vocab"], cfg["d"])]))
     for kind, shapes in suites:
-        param_bytes = sum(math.prod(s) for s in shapes) * 4
         for scheme in ("dist", "naive"):
-            params = make(shapes, 0)
-            comm = {}
-            if kind == "muon":
-                opt = (DistMuon(params, ns_dtype=torch.float32, track_stats=True) if scheme == "dist"
-                       else Muon(params, ns_dtype=torch.float32))
-            else:
-                opt = (DistAdamW(params, track_stats=True) if scheme == "dist" else AdamW(params))
-            step = opt.step if scheme == "dist" else functools.partial(_naive_step, params, opt, comm)
-            if scheme == "dist":
-                opt.stats.reset()
-            (sec, lo, hi), wire = timed(step, cfg["steps"])
-            if scheme == "dist":
-                s = opt.stats
-                sent = s.total_bytes_sent / s.steps
-                work = (s.matrices if kind == "muon" else s.elements) / s.steps
-            else:
-                sent = sum(comm.values()) / (cfg["steps"] + 1)
-                work = len(params) if kind == "muon" else sum(p.numel() for p in params)
-            gathered = [None] * n
-            dist.all_gather_object(gathered, dict(sec=sec, lo=lo, hi=hi, sent=sent, work=work))
+            row = _optimizer_row(kind, scheme, shapes, rank, n, cfg)
             if rank == 0:
-                by_shape = {}
-                for sh in shapes:
-                    by_shape[sh] = by_shape.get(sh, 0) + 1
-                theory_work = (sum(math.ceil(k / n) for k in by_shape.values()) if kind == "muon"
-                               else math.ceil(shapes[0][0] / n) * shapes[0][1])
-                if scheme == "naive":
-                    theory_work = len(shapes) if kind == "muon" else sum(math.prod(s) for s in shapes)
-                # the sharded schemes pad each stack (Muon) / dim 0 (AdamW) to a multiple of N
-                padded = (sum(math.ceil(k / n) * n * math.prod(sh) for sh, k in by_shape.items())
-                          if kind == "muon" else math.ceil(shapes[0][0] / n) * n * shapes[0][1]) * 4
-                moved = padded if scheme == "dist" else param_bytes
-                balance = count_balance = None
-                if kind == "muon" and scheme == "dist":
-                    # Newton-Schulz cost of the busiest rank ÷ the mean: the optimizer's owners
-                    # (by cost) next to the count split i // ceil(K/N) they replaced
-                    balance = opt.owner_balance()
-                    mean = sum(k * ns_cost(sh) for sh, k in by_shape.items()) / n
-                    count_balance = sum(math.ceil(k / n) * ns_cost(sh) for sh, k in by_shape.items()) / mean
-                rows.append(dict(
-                    optimizer=kind, scheme=scheme, world_size=n,
-                    step_s=max(g["sec"] for g in gathered),  # the slowest rank's median, min and max
-                    step_min_s=max(g["lo"] for g in gathered), step_max_s=max(g["hi"] for g in gathered),
-                    param_MB=param_bytes / 1e6,
-                    padded_MB=moved / 1e6,
-                    sent_MB_per_rank=max(g["sent"] for g in gathered) / 1e6,
-                    theory_MB_per_rank=2 * (n - 1) / n * moved / 1e6,
-                    wire_MB_per_rank=None if wire is None else wire / n / 1e6,
-                    work_per_rank=max(g["work"] for g in gathered),
-                    theory_work_per_rank=theory_work,
-                    owner_balance=balance,
-                    count_split_balance=count_balance,
-                ))
-            del opt, params
+                rows.append(row)
     if rank == 0:
         results.put(rows)
     dist.barrier()
+
+
+def _raw_collective_rows(rank, n, cfg) -> list[dict]:
+    """The raw gloo collectives on a buffer the size of the Muon parameters (rows on rank 0)."""
+    rows = []
+    numel = sum(math.prod(s) for s in muon_shapes(cfg["n_layer"], cfg["d"])) // n * n
+    x, part, full = torch.randn(numel), torch.empty(numel // n), torch.empty(numel)
+    for name, fn, ring in (
+            ("reduce_scatter", lambda: dist.reduce_scatter_tensor(part, x, op=dist.ReduceOp.AVG), 1),
+            ("all_gather", lambda: dist.all_gather_into_tensor(full, part), 1),
+            ("all_reduce", lambda: dist.all_reduce(x, op=dist.ReduceOp.AVG), 2)):
+        (sec, lo, hi), wire = timed(fn, cfg["steps"])
+        theory = ring * (n - 1) / n * numel * 4
+        if rank == 0:
+            rows.append(dict(optimizer="gloo", scheme=name, world_size=n, step_s=sec, step_min_s=lo, step_max_s=hi,
+                             param_MB=numel * 4 / 1e6, sent_MB_per_rank=theory / 1e6,
+                             theory_MB_per_rank=theory / 1e6,
+                             wire_MB_per_rank=None if wire is None else wire / n / 1e6))
+    return rows
+
+
+def _make_params(shapes, seed, rank):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
+    gg = torch.Generator().manual_seed(seed + 1 + rank)  # different data on every rank
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gg)
+    return ps
+
+
+def _optimizer_row(kind: str, scheme: str, shapes, rank: int, n: int, cfg) -> dict | None:
+    """One optimizer ("muon" / "adamw") under one scheme ("dist": ours sharded; "naive": all_reduce
+    + the whole step on every rank), timed on every rank; the row on rank 0 (None elsewhere)."""
+    from torch_impl.optim import AdamW, DistAdamW, DistMuon, Muon
+    from torch_impl.sharding.placement import ns_cost
+
+    param_bytes = sum(math.prod(s) for s in shapes) * 4
+    params = _make_params(shapes, 0, rank)
+    comm = {}
+    if kind == "muon":
+        opt = (DistMuon(params, ns_dtype=torch.float32, track_stats=True) if scheme == "dist"
+               else Muon(params, ns_dtype=torch.float32))
+    else:
+        opt = (DistAdamW(params, track_stats=True) if scheme == "dist" else AdamW(params))
+    step = opt.step if scheme == "dist" else functools.partial(_naive_step, params, opt, comm)
+    if scheme == "dist":
+        opt.stats.reset()
+    (sec, lo, hi), wire = timed(step, cfg["steps"])
+    if scheme == "dist":
+        s = opt.stats
+        sent = s.total_bytes_sent / s.steps
+        work = (s.matrices if kind == "muon" else s.elements) / s.steps
+    else:
+        sent = sum(comm.values()) / (cfg["steps"] + 1)
+        work = len(params) if kind == "muon" else sum(p.numel() for p in params)
+    gathered = [None] * n
+    dist.all_gather_object(gathered, dict(sec=sec, lo=lo, hi=hi, sent=sent, work=work))
+    if rank != 0:
+        return None
+    by_shape = {}
+    for sh in shapes:
+        by_shape[sh] = by_shape.get(sh, 0) + 1
+    theory_work = (sum(math.ceil(k / n) for k in by_shape.values()) if kind == "muon"
+                   else math.ceil(shapes[0][0] / n) * shapes[0][1])
+    if scheme == "naive":
+        theory_work = len(shapes) if kind == "muon" else sum(math.prod(s) for s in shapes)
+    # the sharded schemes pad each stack (Muon) / dim 0 (AdamW) to a multiple of N
+    padded = (sum(math.ceil(k / n) * n * math.prod(sh) for sh, k in by_shape.items())
+              if kind == "muon" else math.ceil(shapes[0][0] / n) * n * shapes[0][1]) * 4
+    moved = padded if scheme == "dist" else param_bytes
+    balance = count_balance = None
+    if kind == "muon" and scheme == "dist":
+        # Newton-Schulz cost of the busiest rank ÷ the mean: the optimizer's owners
+        # (by cost) next to the count split i // ceil(K/N) they replaced
+        balance = opt.owner_balance()
+        mean = sum(k * ns_cost(sh) for sh, k in by_shape.items()) / n
+        count_balance = sum(math.ceil(k / n) * ns_cost(sh) for sh, k in by_shape.items()) / mean
+    return dict(
+        optimizer=kind, scheme=scheme, world_size=n,
+        step_s=max(g["sec"] for g in gathered),  # the slowest rank's median, min and max
+        step_min_s=max(g["lo"] for g in gathered), step_max_s=max(g["hi"] for g in gathered),
+        param_MB=param_bytes / 1e6,
+        padded_MB=moved / 1e6,
+        sent_MB_per_rank=max(g["sent"] for g in gathered) / 1e6,
+        theory_MB_per_rank=2 * (n - 1) / n * moved / 1e6,
+        wire_MB_per_rank=None if wire is None else wire / n / 1e6,
+        work_per_rank=max(g["work"] for g in gathered),
+        theory_work_per_rank=theory_work,
+        owner_balance=balance,
+        count_split_balance=count_balance,
+    )
 
 
 def free_port() -> int:

@@ -88,7 +88,6 @@ class Mutant:
 class Result:
     returncode: int
     stdout: str     # pytest's output (stdout and stderr together)
-    stderr: str = ""
 
 
 def apply(mutant: Mutant, root: Path) -> None:

@@ -129,7 +129,8 @@ class AdamW(ShardedOptimizer):
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
-        self.count_step_work(elements=sum(p.numel() for p in params))
+        if self.stats is not None:
+            self.count_step_work(elements=sum(p.numel() for p in params))
 
     @torch.no_grad()
     def apply_update(self, grads_synced: bool = False) -> None:

@@ -78,7 +78,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             error = e
         self.comm = Comm.local(track_stats) if process_group is None else Comm(process_group, track_stats)
         self.grad_reduce_dtype = grad_reduce_dtype
-        self.reducer = GradientReducer(self.comm)
         try:  # a local error is raised only after telling the other ranks (they would hang)
             if error:
                 raise error
